@@ -1,0 +1,344 @@
+"""Logit-based answer distributions for a study: the workbench's core measurement.
+
+Per prompt and option (REFERENCE.md §2): the raw log-prob of every surface variant (" A", "A"),
+the aggregated log-prob (`sum` or `max` over variants, in probability space) and the
+probability renormalized over the *non-refusal* options. Per prompt: the option mass (raw
+probability on all options: a low mass means the renormalized distribution is a conditional
+the model would rarely produce), the refusal mass, the full-vocabulary entropy (bits), the
+top-k full-vocabulary tokens, the expected ordinal score. Across option orders: the
+order-adjusted distribution (each option's probability averaged over the orders shown) and
+the position bias (mean probability at displayed position minus 1/K; position 0 = A-bias).
+
+Every number is reproducible from `prompts.parquet` (`input_ids`) and `variants.parquet`
+(`token_ids`) with a plain HF forward: log_softmax(float32 logits) at the positions after the
+context, summed over the continuation's tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from workbench import prompts as P
+from workbench.models import LoadedModel
+from workbench.runs import FULL_VOCAB, PROMPTS, RunFolder
+from workbench.scoring import EngineConfig, Request, Scored, score_requests
+from workbench.study import Study
+
+TABLES = ("distributions", "variants", "prompt_stats")
+
+
+@dataclass(frozen=True)
+class DistributionConfig:
+    """Settings of a distributions run (written to the manifest)."""
+
+    batch_size: int = 32
+    share_prefix: bool = True
+    min_prefix_tokens: int = 8
+    chunk_prompts: int = 256
+    """Prompts per chunk written to disk (what a crash can lose at most)."""
+    progress: bool = True
+
+
+@dataclass
+class DistributionResult:
+    """The tables of a distributions run (see README "Output tables" for every column)."""
+
+    prompts: pd.DataFrame
+    distributions: pd.DataFrame
+    variants: pd.DataFrame
+    prompt_stats: pd.DataFrame
+    adjusted: pd.DataFrame
+    """Order-adjusted distribution per item (question x cell) and option."""
+    position_bias: pd.DataFrame
+    manifest: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+def conventions(study: Study) -> dict[str, Any]:
+    """Every measurement convention of a run, spelled out for the manifest."""
+    s = study.scoring
+    return {
+        "softmax": "full vocabulary, float32, at the answer position",
+        "scoring_method": s.method,
+        "scored_target": s.target,
+        "variants": list(s.variants),
+        "variant_aggregation": s.aggregate + " (in probability space)",
+        "renormalization": "over non-refusal options",
+        "refusal_options": "excluded from the distribution; reported as refusal_mass",
+        "option_mass": "sum over all options (refusal included) of the aggregated probability",
+        "continuation_split": "lm-eval rule: context trailing whitespace moves to the continuation; "
+        "joint encoding, tokens after the context's tokens",
+        "bos": "tokenizer special tokens for plain prompts; none added to chat-template prompts",
+        "entropy_units": "bits",
+        "top_k": s.top_k,
+        "option_orders": asdict(study.orders),
+        "position_bias": "mean prob at displayed position minus 1/K (position 0: A-bias)",
+    }
+
+
+def build_requests(study: Study, lm: LoadedModel, prompts: list[P.Prompt]) -> tuple[list[Request], pd.DataFrame]:
+    """Engine requests and the `variants` skeleton (one row per scored continuation)."""
+    requests = []
+    rows: list[dict[str, Any]] = []
+    for prompt in prompts:
+        conts = []
+        for t in P.option_targets(study, prompt):
+            ids = P.continuation_ids(lm.tokenizer, study, prompt, t.surface)
+            conts.append(tuple(ids))
+            rows.append(
+                {
+                    "prompt_id": prompt.prompt_id,
+                    "option_id": t.option_id,
+                    "label": t.label,
+                    "position": t.position,
+                    "is_refusal": t.is_refusal,
+                    "variant": t.variant,
+                    "continuation": t.continuation,
+                    "token_ids": ids,
+                }
+            )
+        requests.append(Request(prompt.prompt_id, prompt.input_ids, tuple(conts), group=prompt.persona_id))
+    return requests, pd.DataFrame(rows)
+
+
+def _aggregate(logprobs: np.ndarray, rule: str) -> float:
+    if rule == "max":
+        return float(np.max(logprobs))
+    m = float(np.max(logprobs))
+    return m + math.log(float(np.sum(np.exp(logprobs - m))))
+
+
+def summarize(
+    study: Study,
+    lm: LoadedModel,
+    prompt: P.Prompt,
+    scored: Scored,
+    variant_rows: pd.DataFrame,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Turn one prompt's raw scores into its `variants`, `distributions` and stats rows."""
+    question = next(q for q in study.questions if q.id == prompt.question_id)
+    var = variant_rows.copy()
+    var["logprob"] = np.asarray(scored.continuation_logprobs, dtype=np.float64)
+    dist_rows = []
+    for option_id, grp in var.groupby("option_id", sort=True):
+        dist_rows.append(
+            {
+                "prompt_id": prompt.prompt_id,
+                "option_id": int(option_id),  # type: ignore[call-overload]
+                "label": grp["label"].iloc[0],
+                "position": int(grp["position"].iloc[0]),
+                "is_refusal": bool(grp["is_refusal"].iloc[0]),
+                "logprob": _aggregate(grp["logprob"].to_numpy(), study.scoring.aggregate),
+            }
+        )
+    dist = pd.DataFrame(dist_rows)
+    substantive = ~dist["is_refusal"]
+    lp = dist.loc[substantive, "logprob"].to_numpy()
+    probs = np.exp(lp - lp.max())
+    probs /= probs.sum()
+    dist["prob"] = np.nan
+    dist.loc[substantive, "prob"] = probs
+    raw = np.exp(dist["logprob"].to_numpy())
+    answer = scored.answer_logprobs
+    p_full = answer.exp()
+    entropy_bits = float(-(p_full * answer).nan_to_num().sum() / math.log(2))
+    k = min(study.scoring.top_k, answer.numel())
+    top = torch.topk(answer, k) if k else None
+    modal = dist.loc[substantive].sort_values("prob", ascending=False).iloc[0]
+    stats: dict[str, Any] = {
+        "prompt_id": prompt.prompt_id,
+        "option_mass": float(raw.sum()),
+        "refusal_mass": float(raw[dist["is_refusal"].to_numpy()].sum()),
+        "entropy_bits": entropy_bits,
+        "modal_option_id": int(modal["option_id"]),
+        "modal_prob": float(modal["prob"]),
+        "expected_score": None,
+        "top_token_ids": [int(i) for i in top.indices] if top is not None else [],
+        "top_tokens": [lm.tokenizer.decode([int(i)]) for i in top.indices] if top is not None else [],
+        "top_probs": [float(v) for v in top.values.exp()] if top is not None else [],
+    }
+    if question.values is not None:
+        values = np.asarray(question.values)[dist.loc[substantive, "option_id"].to_numpy()]
+        stats["expected_score"] = float((probs * values).sum())
+    return var, dist, stats
+
+
+def order_adjusted(prompts: pd.DataFrame, distributions: pd.DataFrame, factor_names: list[str]) -> pd.DataFrame:
+    """Average each option's probability over the option orders shown for the same item."""
+    keys = ["persona_id", "question_id", *factor_names]
+    merged = distributions.merge(prompts[["prompt_id", *keys]], on="prompt_id")
+    merged = merged[~merged["is_refusal"]]
+    grouped = merged.groupby([*keys, "option_id"], dropna=False, sort=True)
+    out = grouped.agg(prob=("prob", "mean"), prob_sd=("prob", "std"), n_orders=("prob", "size")).reset_index()
+    return out
+
+
+def position_bias(prompts: pd.DataFrame, distributions: pd.DataFrame) -> pd.DataFrame:
+    """Mean probability at each displayed position, minus 1/K (position 0 is the A-bias)."""
+    merged = distributions[~distributions["is_refusal"]].merge(prompts[["prompt_id", "question_id"]], on="prompt_id")
+    k = merged.groupby("prompt_id")["option_id"].transform("size")
+    merged = merged.assign(uniform=1.0 / k)
+    out = merged.groupby(["question_id", "position"], sort=True).agg(
+        mean_prob=("prob", "mean"), uniform=("uniform", "first"), n_prompts=("prob", "size")
+    )
+    out["bias"] = out["mean_prob"] - out["uniform"]
+    return out.reset_index()
+
+
+def compute_distributions(
+    study: Study,
+    lm: LoadedModel,
+    out_dir: str | Path | None = None,
+    config: DistributionConfig | None = None,
+    *,
+    overwrite: bool = False,
+) -> DistributionResult:
+    """Score every prompt of `study` with `lm`; write a run folder when `out_dir` is given.
+
+    Re-running with the same `out_dir` resumes: finished prompts are not recomputed.
+    """
+    config = config or DistributionConfig()
+    t0 = time.time()
+    prompts = P.render(study, lm.tokenizer)
+    P.validate_for_tokenizer(study, prompts, lm.tokenizer, lm.max_length)
+    prompts_df = P.prompts_frame(study, prompts)
+    requests, variant_skeleton = build_requests(study, lm, prompts)
+    t_render = time.time() - t0
+    engine = EngineConfig(config.batch_size, config.share_prefix, config.min_prefix_tokens)
+    factor_names = [f.name for f in study.factors]
+
+    run: RunFolder | None = None
+    done: set[int] = set()
+    if out_dir is not None:
+        identity = {
+            "study": study.name,
+            "prompts_fingerprint": P.prompts_fingerprint(prompts),
+            "scoring": asdict(study.scoring),
+            "model": lm.name,
+            "dtype": str(lm.dtype),
+        }
+        run = RunFolder(out_dir, identity, overwrite=overwrite)
+        if not (run.path / PROMPTS).exists():
+            run.write_table("prompts", prompts_df)
+        done = run.done_keys("distributions", "prompt_id") if run.chunk_dirs() else set()
+
+    by_id = {p.prompt_id: p for p in prompts}
+    skeleton_by_prompt = {pid: g for pid, g in variant_skeleton.groupby("prompt_id", sort=False)}
+    todo = [r for r in requests if r.key not in done]
+    collected: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
+    full_vocab: list[tuple[int, torch.Tensor]] = []
+    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="distributions", unit="prompt", disable=not config.progress)
+
+    t_score = time.time()
+    for chunk_reqs in _chunks_by_group(todo, config.chunk_prompts):
+        tables: dict[str, list[Any]] = {"variants": [], "distributions": [], "prompt_stats": []}
+        vocab_rows: list[tuple[int, torch.Tensor]] = []
+        for scored in score_requests(lm.model, chunk_reqs, engine, pad_id=lm.tokenizer.pad_token_id or 0, on_done=bar.update):
+            var, dist, stats = summarize(study, lm, by_id[scored.key], scored, skeleton_by_prompt[scored.key])
+            tables["variants"].append(var)
+            tables["distributions"].append(dist)
+            tables["prompt_stats"].append(stats)
+            if study.scoring.save_full_vocab:
+                vocab_rows.append((scored.key, scored.answer_logprobs.half()))
+        frames = {
+            "variants": pd.concat(tables["variants"], ignore_index=True),
+            "distributions": pd.concat(tables["distributions"], ignore_index=True),
+            "prompt_stats": pd.DataFrame(tables["prompt_stats"]),
+        }
+        if run is not None:
+            extra = _vocab_tensors(vocab_rows) if vocab_rows else None
+            run.write_chunk(frames, extra)
+        else:
+            for name, frame in frames.items():
+                collected[name].append(frame)
+            full_vocab.extend(vocab_rows)
+    bar.close()
+    t_score = time.time() - t_score
+
+    if run is not None:
+        tables_out = {name: run.read_chunks(name) for name in TABLES}
+    else:
+        tables_out = {name: pd.concat(collected[name], ignore_index=True) if collected[name] else pd.DataFrame() for name in TABLES}
+    tables_out = {name: frame.sort_values([c for c in ("prompt_id", "option_id", "variant") if c in frame.columns], kind="stable").reset_index(drop=True) for name, frame in tables_out.items()}
+    tables_out["variants"] = tables_out["variants"][
+        ["prompt_id", "option_id", "label", "position", "is_refusal", "variant", "continuation", "token_ids", "logprob"]
+    ]
+    adjusted = order_adjusted(prompts_df, tables_out["distributions"], factor_names)
+    bias = position_bias(prompts_df, tables_out["distributions"])
+    manifest = {
+        "kind": "distributions",
+        "study": {"name": study.name, "path": study.path, "definition": dict(study.raw)},
+        "conventions": conventions(study),
+        "config": asdict(config),
+        "model": lm.describe(),
+        "seed": study.seed,
+        "counts": {"prompts": len(prompts), "rows": len(tables_out["distributions"]), "resumed_prompts": len(done)},
+        "timings_s": {"render": round(t_render, 3), "score": round(t_score, 3), "total": round(time.time() - t0, 3)},
+    }
+    result = DistributionResult(
+        prompts_df,
+        tables_out["distributions"],
+        tables_out["variants"],
+        tables_out["prompt_stats"],
+        adjusted,
+        bias,
+        manifest,
+    )
+    if run is not None:
+        for name in TABLES:
+            run.write_table(name, tables_out[name])
+        run.write_table("adjusted", adjusted)
+        run.write_table("position_bias", bias)
+        if study.scoring.save_full_vocab:
+            _consolidate_vocab(run)
+        run.finish(manifest)
+        result.out_dir = run.path
+    elif full_vocab:
+        result.manifest["full_vocab"] = _vocab_tensors(full_vocab)
+    return result
+
+
+def _chunks_by_group(requests: list[Request], size: int) -> list[list[Request]]:
+    """Chunks of about `size` requests that never split a prefix group."""
+    chunks: list[list[Request]] = []
+    current: list[Request] = []
+    groups: dict[str, list[Request]] = {}
+    for r in requests:
+        groups.setdefault(r.group, []).append(r)
+    for grp in groups.values():
+        if current and len(current) + len(grp) > size:
+            chunks.append(current)
+            current = []
+        current.extend(grp)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _vocab_tensors(rows: list[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    rows = sorted(rows, key=lambda r: r[0])
+    return {
+        "prompt_id": torch.tensor([r[0] for r in rows], dtype=torch.int64),
+        "logprobs": torch.stack([r[1] for r in rows]).contiguous(),
+    }
+
+
+def _consolidate_vocab(run: RunFolder) -> None:
+    from safetensors.torch import load_file, save_file
+
+    parts = [load_file(str(c / FULL_VOCAB)) for c in run.chunk_dirs() if (c / FULL_VOCAB).exists()]
+    if not parts:
+        return
+    ids = torch.cat([p["prompt_id"] for p in parts])
+    lps = torch.cat([p["logprobs"] for p in parts])
+    order = torch.argsort(ids)
+    save_file({"prompt_id": ids[order].contiguous(), "logprobs": lps[order].contiguous()}, str(run.path / FULL_VOCAB))

@@ -1,0 +1,171 @@
+"""Run folders: chunked, resumable result tables and a manifest written last.
+
+Layout of a run folder (file names are constants here, nowhere else):
+
+    run.json            identity of the run (fingerprint of prompts + config + model); written first
+    prompts.parquet     every prompt, written before scoring starts
+    chunks/NNNNN/       one finished chunk: its tables, renamed into place atomically
+    <table>.parquet     the consolidated tables, written when every chunk is done
+    manifest.json       written last: its presence means the run completed
+
+Killing a run loses at most the chunk in flight; re-running the same command skips every
+prompt whose chunk is in place, and refuses (with the fix) to mix two different runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+
+SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+MANIFEST = "manifest.json"
+PROMPTS = "prompts.parquet"
+CHUNKS = "chunks"
+FULL_VOCAB = "full_vocab.safetensors"
+TRACKED_PACKAGES = ("workbench", "torch", "transformers", "accelerate", "tokenizers", "transformer-lens", "pandas", "numpy")
+
+
+def git_hash() -> str | None:
+    """The workbench checkout's commit (with `-dirty` when it has local changes), if any."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in TRACKED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """A run folder being written. `identity` must match to resume an existing folder."""
+
+    def __init__(self, path: str | Path, identity: Mapping[str, Any], *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.identity = dict(identity)
+        self.started = time.time()
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        run_file = self.path / RUN_FILE
+        if run_file.exists():
+            previous = json.loads(run_file.read_text())
+            if previous.get("identity") != self.identity:
+                changed = sorted(
+                    k for k in set(previous.get("identity", {})) | set(self.identity)
+                    if previous.get("identity", {}).get(k) != self.identity.get(k)
+                )
+                raise WorkbenchError(
+                    f"{self.path} holds a different run (changed: {', '.join(changed)}); "
+                    "resuming would mix results",
+                    fix="use a new --out folder, or pass --overwrite to discard the old one",
+                )
+        elif any(self.path.iterdir()):
+            raise WorkbenchError(
+                f"{self.path} is not empty and is not a workbench run folder",
+                fix="use a new or empty --out folder",
+            )
+        else:
+            write_json(run_file, {"schema_version": SCHEMA_VERSION, "identity": self.identity})
+        (self.path / CHUNKS).mkdir(exist_ok=True)
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / MANIFEST).exists()
+
+    def chunk_dirs(self) -> list[Path]:
+        return sorted(p for p in (self.path / CHUNKS).iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def done_keys(self, table: str, column: str) -> set[int]:
+        """Keys (e.g. prompt ids) already in finished chunks."""
+        done: set[int] = set()
+        for chunk in self.chunk_dirs():
+            frame = pd.read_parquet(chunk / f"{table}.parquet", columns=[column])
+            done.update(int(x) for x in frame[column].unique())
+        return done
+
+    def write_chunk(self, tables: Mapping[str, pd.DataFrame], extra: Mapping[str, Any] | None = None) -> Path:
+        """Write one chunk's tables (and optional safetensors) and rename it into place."""
+        n = len(self.chunk_dirs())
+        final = self.path / CHUNKS / f"{n:05d}"
+        while final.exists():
+            n += 1
+            final = self.path / CHUNKS / f"{n:05d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for name, frame in tables.items():
+            frame.to_parquet(tmp / f"{name}.parquet", index=False)
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file(dict(extra), str(tmp / FULL_VOCAB))
+        os.replace(tmp, final)
+        return final
+
+    def read_chunks(self, table: str) -> pd.DataFrame:
+        frames = [pd.read_parquet(c / f"{table}.parquet") for c in self.chunk_dirs()]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> Path:
+        path = self.path / f"{name}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+
+    def finish(self, manifest: Mapping[str, Any], *, keep_chunks: bool = False) -> Path:
+        """Write the manifest (last), then drop the chunk folders it supersedes."""
+        full = {
+            "schema_version": SCHEMA_VERSION,
+            "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "git_hash": git_hash(),
+            "versions": versions(),
+            **manifest,
+        }
+        write_json(self.path / MANIFEST, full)
+        if not keep_chunks:
+            shutil.rmtree(self.path / CHUNKS, ignore_errors=True)
+        return self.path / MANIFEST

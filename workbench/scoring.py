@@ -1,0 +1,189 @@
+"""The forward-pass engine: exact option log-probs with shared prefixes and minimal logits.
+
+Measurement contract (REFERENCE.md §2), as implemented here:
+- Log-probs are a log-softmax over the *full vocabulary*, computed in float32 whatever the
+  model dtype (bf16 log-softmax loses precision).
+- `next_token`: one row per prompt; every option variant is read from the one distribution
+  at the last prompt token.
+- `sequence`: log P(continuation | context) = sum of its tokens' log-probs; continuation
+  tokens come from the joint encoding of context + continuation (`prompts.continuation_ids`).
+- Speed without changing numbers: prompts that share a token prefix (a persona) run the prefix
+  once and reuse its KV cache; rows are right-padded (real tokens keep positions 0..n-1, pads
+  come after them and causal attention never sees them), sorted by length into batches, and
+  logits are computed only at the positions that are read. Tests check all of this against
+  an unbatched plain HF forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class Request:
+    """Score `continuations` after `context` (token ids). A next_token request has each
+    continuation of length 1; `context` is the full prompt, BOS included."""
+
+    key: int
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+    group: str = ""
+    """Requests in one group are tried for a shared prefix (a persona)."""
+
+
+@dataclass
+class Scored:
+    """What the engine read for one request."""
+
+    key: int
+    continuation_logprobs: list[float]
+    """Sum of token log-probs per continuation (float32 full-vocab log-softmax)."""
+    answer_logprobs: Tensor
+    """[vocab] float32 log-probs at the answer position (after the last context token)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    batch_size: int = 32
+    """Rows per forward pass."""
+    share_prefix: bool = True
+    min_prefix_tokens: int = 8
+    """Share a group's common prefix only when it is at least this long."""
+
+
+def _logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
+    """Unembed `hidden` [n, d_model] -> float32 logits [n, vocab], as the model's head would."""
+    head = model.get_output_embeddings()
+    assert head is not None
+    logits = head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(model.config, "logit_scale", None)
+    if isinstance(scale, float) and getattr(model.config, "model_type", "") == "cohere":
+        logits = logits * scale
+    return logits
+
+
+def _expand_cache(prefix: DynamicCache, batch: int, config: object) -> DynamicCache:
+    """A fresh cache holding `prefix` for `batch` rows (the model appends to it in place)."""
+    data = [(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)) for layer in prefix.layers]  # type: ignore[attr-defined]
+    return DynamicCache(ddp_cache_data=data, config=config)  # type: ignore[arg-type]
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """transformers >= 5.2x renamed `past_key_values` to `cache`; accept both."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+@torch.inference_mode()
+def score_requests(
+    model: PreTrainedModel,
+    requests: Sequence[Request],
+    config: EngineConfig = EngineConfig(),
+    *,
+    pad_id: int = 0,
+    on_done: Callable[[int], None] | None = None,
+) -> Iterator[Scored]:
+    """Score every request; yields results group by group (order within a group may vary)."""
+    device = next(model.parameters()).device
+    groups: dict[str, list[Request]] = {}
+    for r in requests:
+        groups.setdefault(r.group, []).append(r)
+    for reqs in groups.values():
+        yield from _score_group(model, reqs, config, pad_id, device)
+        if on_done is not None:
+            on_done(len(reqs))
+
+
+def _score_group(
+    model: PreTrainedModel,
+    reqs: list[Request],
+    config: EngineConfig,
+    pad_id: int,
+    device: torch.device,
+) -> Iterator[Scored]:
+    # The prefix must leave >= 1 context token per request: its output is the answer position.
+    n_prefix = 0
+    if config.share_prefix and len(reqs) > 1:
+        lcp = _common_prefix([r.context for r in reqs])
+        n_prefix = min(lcp, min(len(r.context) for r in reqs) - 1)
+        if n_prefix < config.min_prefix_tokens:
+            n_prefix = 0
+    prefix_cache = None
+    if n_prefix:
+        ids = torch.tensor([reqs[0].context[:n_prefix]], device=device)
+        out = model.base_model(input_ids=ids, use_cache=True)
+        prefix_cache = getattr(out, "cache", None) or out.past_key_values
+
+    # One row per (request, continuation) for sequence scoring; next_token needs one row.
+    rows: list[tuple[int, int, list[int], list[int]]] = []
+    """(request index, continuation index or -1 for all, row token ids, read positions)"""
+    for ri, r in enumerate(reqs):
+        suffix = list(r.context[n_prefix:])
+        answer_pos = len(suffix) - 1
+        if all(len(c) == 1 for c in r.continuations):
+            rows.append((ri, -1, suffix, [answer_pos]))
+        else:
+            for ci, cont in enumerate(r.continuations):
+                row = suffix + list(cont[:-1])
+                rows.append((ri, ci, row, list(range(answer_pos, answer_pos + len(cont)))))
+    rows.sort(key=lambda x: len(x[2]), reverse=True)
+
+    results = {ri: Scored(r.key, [0.0] * len(r.continuations), torch.empty(0)) for ri, r in enumerate(reqs)}
+    for start in range(0, len(rows), config.batch_size):
+        batch = rows[start : start + config.batch_size]
+        width = max(len(b[2]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), n_prefix + width), dtype=torch.long)
+        mask[:, :n_prefix] = 1
+        for i, (_, _, toks, _) in enumerate(batch):
+            ids[i, : len(toks)] = torch.tensor(toks)
+            mask[i, n_prefix : n_prefix + len(toks)] = 1
+        positions = torch.arange(n_prefix, n_prefix + width).expand(len(batch), -1)
+        cache = _expand_cache(prefix_cache, len(batch), model.config) if prefix_cache is not None else None
+        hidden = model.base_model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=cache is not None,
+            **{_cache_kwarg(model): cache},
+        ).last_hidden_state
+        row_idx = torch.tensor([i for i, b in enumerate(batch) for _ in b[3]], device=device)
+        pos_idx = torch.tensor([p for b in batch for p in b[3]], device=device)
+        logprobs = torch.log_softmax(_logits(model, hidden[row_idx, pos_idx]), dim=-1)
+        k = 0
+        for ri, ci, _, reads in batch:
+            req = reqs[ri]
+            res = results[ri]
+            if ci == -1:
+                lp = logprobs[k]
+                res.answer_logprobs = lp.cpu()
+                res.continuation_logprobs = [float(lp[c[0]]) for c in req.continuations]
+            else:
+                cont = req.continuations[ci]
+                lps = logprobs[k : k + len(reads)]
+                targets = torch.tensor(cont, device=device)
+                res.continuation_logprobs[ci] = float(lps.gather(1, targets[:, None]).sum())
+                if res.answer_logprobs.numel() == 0:
+                    res.answer_logprobs = lps[0].cpu()
+            k += len(reads)
+    yield from results.values()
