@@ -85,7 +85,9 @@ def conventions(study: Study) -> dict[str, Any]:
     }
 
 
-def build_requests(study: Study, lm: LoadedModel, prompts: list[P.Prompt]) -> tuple[list[Request], pd.DataFrame]:
+def build_requests(
+    study: Study, lm: LoadedModel, prompts: list[P.Prompt]
+) -> tuple[list[Request], pd.DataFrame]:
     """Engine requests and the `variants` skeleton (one row per scored continuation)."""
     requests = []
     rows: list[dict[str, Any]] = []
@@ -106,85 +108,110 @@ def build_requests(study: Study, lm: LoadedModel, prompts: list[P.Prompt]) -> tu
                     "token_ids": ids,
                 }
             )
-        requests.append(Request(prompt.prompt_id, prompt.input_ids, tuple(conts), group=prompt.persona_id))
+        requests.append(
+            Request(prompt.prompt_id, prompt.input_ids, tuple(conts), group=prompt.persona_id)
+        )
     return requests, pd.DataFrame(rows)
-
-
-def _aggregate(logprobs: np.ndarray, rule: str) -> float:
-    if rule == "max":
-        return float(np.max(logprobs))
-    m = float(np.max(logprobs))
-    return m + math.log(float(np.sum(np.exp(logprobs - m))))
 
 
 def summarize(
     study: Study,
     lm: LoadedModel,
-    prompt: P.Prompt,
-    scored: Scored,
-    variant_rows: pd.DataFrame,
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Turn one prompt's raw scores into its `variants`, `distributions` and stats rows."""
-    question = next(q for q in study.questions if q.id == prompt.question_id)
-    var = variant_rows.copy()
-    var["logprob"] = np.asarray(scored.continuation_logprobs, dtype=np.float64)
-    dist_rows = []
-    for option_id, grp in var.groupby("option_id", sort=True):
-        dist_rows.append(
-            {
-                "prompt_id": prompt.prompt_id,
-                "option_id": int(option_id),  # type: ignore[call-overload]
-                "label": grp["label"].iloc[0],
-                "position": int(grp["position"].iloc[0]),
-                "is_refusal": bool(grp["is_refusal"].iloc[0]),
-                "logprob": _aggregate(grp["logprob"].to_numpy(), study.scoring.aggregate),
-            }
-        )
-    dist = pd.DataFrame(dist_rows)
-    substantive = ~dist["is_refusal"]
-    lp = dist.loc[substantive, "logprob"].to_numpy()
-    probs = np.exp(lp - lp.max())
-    probs /= probs.sum()
-    dist["prob"] = np.nan
-    dist.loc[substantive, "prob"] = probs
-    raw = np.exp(dist["logprob"].to_numpy())
-    answer = scored.answer_logprobs
-    p_full = answer.exp()
-    entropy_bits = float(-(p_full * answer).nan_to_num().sum() / math.log(2))
-    k = min(study.scoring.top_k, answer.numel())
-    top = torch.topk(answer, k) if k else None
-    modal = dist.loc[substantive].sort_values("prob", ascending=False).iloc[0]
-    stats: dict[str, Any] = {
-        "prompt_id": prompt.prompt_id,
-        "option_mass": float(raw.sum()),
-        "refusal_mass": float(raw[dist["is_refusal"].to_numpy()].sum()),
-        "entropy_bits": entropy_bits,
-        "modal_option_id": int(modal["option_id"]),
-        "modal_prob": float(modal["prob"]),
-        "expected_score": None,
-        "top_token_ids": [int(i) for i in top.indices] if top is not None else [],
-        "top_tokens": [lm.tokenizer.decode([int(i)]) for i in top.indices] if top is not None else [],
-        "top_probs": [float(v) for v in top.values.exp()] if top is not None else [],
-    }
-    if question.values is not None:
-        values = np.asarray(question.values)[dist.loc[substantive, "option_id"].to_numpy()]
-        stats["expected_score"] = float((probs * values).sum())
-    return var, dist, stats
+    scored: list[Scored],
+    skeleton: pd.DataFrame,
+    question_of: dict[int, str],
+) -> dict[str, pd.DataFrame]:
+    """Turn a chunk's raw scores into its `variants`, `distributions` and `prompt_stats` rows.
+
+    Vectorized over the chunk: per-prompt pandas work would dominate a tiny model's run time.
+    """
+    scored = sorted(scored, key=lambda s: s.key)
+    keys = [s.key for s in scored]
+    by_key = {s.key: s for s in scored}
+    # The skeleton lists a prompt's continuations in the order they were requested.
+    lp_col = np.concatenate(
+        [
+            np.asarray(by_key[k].continuation_logprobs, dtype=np.float64)
+            for k in skeleton.loc[skeleton["prompt_id"].isin(keys), "prompt_id"].unique()
+        ]
+    )
+    var = skeleton[skeleton["prompt_id"].isin(keys)].copy()
+    var["logprob"] = lp_col
+    var = var.sort_values(["prompt_id", "option_id", "variant"], kind="stable").reset_index(
+        drop=True
+    )
+
+    grouped = var.groupby(["prompt_id", "option_id"], sort=True)
+    if study.scoring.aggregate == "max":
+        agg = grouped["logprob"].max()
+    else:  # log-sum-exp over variants, i.e. summing their probabilities
+        agg = grouped["logprob"].apply(lambda x: float(np.logaddexp.reduce(x.to_numpy())))
+    dist = grouped[["label", "position", "is_refusal"]].first().assign(logprob=agg).reset_index()
+    substantive = ~dist["is_refusal"].to_numpy()
+    lp = dist["logprob"].to_numpy()
+    shifted = np.where(substantive, lp, -np.inf)
+    pmax = pd.Series(shifted).groupby(dist["prompt_id"]).transform("max").to_numpy()
+    e = np.where(substantive, np.exp(shifted - pmax), 0.0)
+    denom = pd.Series(e).groupby(dist["prompt_id"]).transform("sum").to_numpy()
+    dist["prob"] = np.where(substantive, e / denom, np.nan)
+    dist = dist[["prompt_id", "option_id", "label", "position", "is_refusal", "logprob", "prob"]]
+
+    raw = np.exp(lp)
+    option_mass = pd.Series(raw).groupby(dist["prompt_id"]).sum()
+    refusal_mass = pd.Series(np.where(substantive, 0.0, raw)).groupby(dist["prompt_id"]).sum()
+    subs = dist[substantive]
+    modal = subs.loc[subs.groupby("prompt_id")["prob"].idxmax()].set_index("prompt_id")
+    values = {q.id: q.values for q in study.questions}
+    exp_score: dict[int, float] = {}
+    for pid_key, grp in subs.groupby("prompt_id", sort=False):
+        pid = int(str(pid_key))
+        v = values[question_of[pid]]
+        if v is not None:
+            weights = np.asarray(v)[grp["option_id"].to_numpy()]
+            exp_score[pid] = float((grp["prob"].to_numpy() * weights).sum())
+
+    answers = torch.stack([s.answer_logprobs for s in scored])
+    entropy_bits = (-(answers.exp() * answers).nan_to_num().sum(-1) / math.log(2)).tolist()
+    k = min(study.scoring.top_k, answers.shape[-1])
+    top = torch.topk(answers, k, dim=-1)
+    decode = lm.tokenizer.decode
+    stats = pd.DataFrame(
+        {
+            "prompt_id": keys,
+            "option_mass": option_mass.loc[keys].to_numpy(),
+            "refusal_mass": refusal_mass.loc[keys].to_numpy(),
+            "entropy_bits": entropy_bits,
+            "modal_option_id": modal.loc[keys, "option_id"].to_numpy().astype(int),
+            "modal_prob": modal.loc[keys, "prob"].to_numpy(),
+            "expected_score": [exp_score.get(k_) for k_ in keys],
+            "top_token_ids": top.indices.tolist(),
+            "top_tokens": [[decode([i]) for i in row] for row in top.indices.tolist()],
+            "top_probs": top.values.exp().tolist(),
+        }
+    )
+    stats["expected_score"] = stats["expected_score"].astype("float64")
+    return {"variants": var, "distributions": dist, "prompt_stats": stats}
 
 
-def order_adjusted(prompts: pd.DataFrame, distributions: pd.DataFrame, factor_names: list[str]) -> pd.DataFrame:
+def order_adjusted(
+    prompts: pd.DataFrame, distributions: pd.DataFrame, factor_names: list[str]
+) -> pd.DataFrame:
     """Average each option's probability over the option orders shown for the same item."""
     keys = ["persona_id", "question_id", *factor_names]
     merged = distributions.merge(prompts[["prompt_id", *keys]], on="prompt_id")
     merged = merged[~merged["is_refusal"]]
     grouped = merged.groupby([*keys, "option_id"], dropna=False, sort=True)
-    out = grouped.agg(prob=("prob", "mean"), prob_sd=("prob", "std"), n_orders=("prob", "size")).reset_index()
+    out = grouped.agg(
+        prob=("prob", "mean"), prob_sd=("prob", "std"), n_orders=("prob", "size")
+    ).reset_index()
     return out
 
 
 def position_bias(prompts: pd.DataFrame, distributions: pd.DataFrame) -> pd.DataFrame:
     """Mean probability at each displayed position, minus 1/K (position 0 is the A-bias)."""
-    merged = distributions[~distributions["is_refusal"]].merge(prompts[["prompt_id", "question_id"]], on="prompt_id")
+    merged = distributions[~distributions["is_refusal"]].merge(
+        prompts[["prompt_id", "question_id"]], on="prompt_id"
+    )
     k = merged.groupby("prompt_id")["option_id"].transform("size")
     merged = merged.assign(uniform=1.0 / k)
     out = merged.groupby(["question_id", "position"], sort=True).agg(
@@ -231,29 +258,33 @@ def compute_distributions(
             run.write_table("prompts", prompts_df)
         done = run.done_keys("distributions", "prompt_id") if run.chunk_dirs() else set()
 
-    by_id = {p.prompt_id: p for p in prompts}
-    skeleton_by_prompt = {pid: g for pid, g in variant_skeleton.groupby("prompt_id", sort=False)}
+    question_of = {p.prompt_id: p.question_id for p in prompts}
     todo = [r for r in requests if r.key not in done]
     collected: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     full_vocab: list[tuple[int, torch.Tensor]] = []
-    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="distributions", unit="prompt", disable=not config.progress)
+    bar = tqdm(
+        total=len(requests),
+        initial=len(requests) - len(todo),
+        desc="distributions",
+        unit="prompt",
+        disable=not config.progress,
+    )
 
     t_score = time.time()
     for chunk_reqs in _chunks_by_group(todo, config.chunk_prompts):
-        tables: dict[str, list[Any]] = {"variants": [], "distributions": [], "prompt_stats": []}
         vocab_rows: list[tuple[int, torch.Tensor]] = []
-        for scored in score_requests(lm.model, chunk_reqs, engine, pad_id=lm.tokenizer.pad_token_id or 0, on_done=bar.update):
-            var, dist, stats = summarize(study, lm, by_id[scored.key], scored, skeleton_by_prompt[scored.key])
-            tables["variants"].append(var)
-            tables["distributions"].append(dist)
-            tables["prompt_stats"].append(stats)
-            if study.scoring.save_full_vocab:
-                vocab_rows.append((scored.key, scored.answer_logprobs.half()))
-        frames = {
-            "variants": pd.concat(tables["variants"], ignore_index=True),
-            "distributions": pd.concat(tables["distributions"], ignore_index=True),
-            "prompt_stats": pd.DataFrame(tables["prompt_stats"]),
-        }
+        scored_chunk = list(
+            score_requests(
+                lm.model,
+                chunk_reqs,
+                engine,
+                pad_id=lm.tokenizer.pad_token_id or 0,
+                on_done=bar.update,
+            )
+        )
+        frames = summarize(study, lm, scored_chunk, variant_skeleton, question_of)
+        if study.scoring.save_full_vocab:
+            vocab_rows = [(s.key, s.answer_logprobs.half()) for s in scored_chunk]
         if run is not None:
             extra = _vocab_tensors(vocab_rows) if vocab_rows else None
             run.write_chunk(frames, extra)
@@ -267,10 +298,30 @@ def compute_distributions(
     if run is not None:
         tables_out = {name: run.read_chunks(name) for name in TABLES}
     else:
-        tables_out = {name: pd.concat(collected[name], ignore_index=True) if collected[name] else pd.DataFrame() for name in TABLES}
-    tables_out = {name: frame.sort_values([c for c in ("prompt_id", "option_id", "variant") if c in frame.columns], kind="stable").reset_index(drop=True) for name, frame in tables_out.items()}
+        tables_out = {
+            name: pd.concat(collected[name], ignore_index=True)
+            if collected[name]
+            else pd.DataFrame()
+            for name in TABLES
+        }
+    tables_out = {
+        name: frame.sort_values(
+            [c for c in ("prompt_id", "option_id", "variant") if c in frame.columns], kind="stable"
+        ).reset_index(drop=True)
+        for name, frame in tables_out.items()
+    }
     tables_out["variants"] = tables_out["variants"][
-        ["prompt_id", "option_id", "label", "position", "is_refusal", "variant", "continuation", "token_ids", "logprob"]
+        [
+            "prompt_id",
+            "option_id",
+            "label",
+            "position",
+            "is_refusal",
+            "variant",
+            "continuation",
+            "token_ids",
+            "logprob",
+        ]
     ]
     adjusted = order_adjusted(prompts_df, tables_out["distributions"], factor_names)
     bias = position_bias(prompts_df, tables_out["distributions"])
@@ -281,8 +332,16 @@ def compute_distributions(
         "config": asdict(config),
         "model": lm.describe(),
         "seed": study.seed,
-        "counts": {"prompts": len(prompts), "rows": len(tables_out["distributions"]), "resumed_prompts": len(done)},
-        "timings_s": {"render": round(t_render, 3), "score": round(t_score, 3), "total": round(time.time() - t0, 3)},
+        "counts": {
+            "prompts": len(prompts),
+            "rows": len(tables_out["distributions"]),
+            "resumed_prompts": len(done),
+        },
+        "timings_s": {
+            "render": round(t_render, 3),
+            "score": round(t_score, 3),
+            "total": round(time.time() - t0, 3),
+        },
     }
     result = DistributionResult(
         prompts_df,
@@ -341,4 +400,7 @@ def _consolidate_vocab(run: RunFolder) -> None:
     ids = torch.cat([p["prompt_id"] for p in parts])
     lps = torch.cat([p["logprobs"] for p in parts])
     order = torch.argsort(ids)
-    save_file({"prompt_id": ids[order].contiguous(), "logprobs": lps[order].contiguous()}, str(run.path / FULL_VOCAB))
+    save_file(
+        {"prompt_id": ids[order].contiguous(), "logprobs": lps[order].contiguous()},
+        str(run.path / FULL_VOCAB),
+    )

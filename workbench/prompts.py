@@ -149,7 +149,9 @@ def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
             missing = [n for n in q_factors if cell.get(n) is None]
             if missing:
                 continue  # a coarse cell cannot be asked a question about an unspecified stimulus
-            reduced: Cell = {f.name: (cell[f.name] if f.name in relevant else None) for f in study.factors}
+            reduced: Cell = {
+                f.name: (cell[f.name] if f.name in relevant else None) for f in study.factors
+            }
             key_vals = tuple(reduced[f.name] for f in study.factors)
             for perm_i, order in enumerate(orders):
                 key = (question.id, persona_id(study, cell), key_vals, perm_i)
@@ -192,7 +194,11 @@ def _render_text(
     for pos, opt in enumerate(order):
         label = question.label_at(pos, all_options[opt])
         labels.append(label)
-        lines.append(_fill(t.option_line, {"label": label, "text": all_options[opt], "position": str(pos + 1)}))
+        lines.append(
+            _fill(
+                t.option_line, {"label": label, "text": all_options[opt], "position": str(pos + 1)}
+            )
+        )
     fields = {
         **values,
         "persona": persona_text(study, cell),
@@ -323,7 +329,9 @@ def validate_for_tokenizer(
             for pos, text in enumerate(question.all_options):
                 target = question.label_at(pos, text) if study.scoring.target == "label" else text
                 for variant in study.scoring.variants:
-                    (tid,) = tokenizer(variant.replace("{}", target), add_special_tokens=False)["input_ids"]
+                    (tid,) = tokenizer(variant.replace("{}", target), add_special_tokens=False)[
+                        "input_ids"
+                    ]
                     if tid in owner and owner[tid] != text:
                         raise StudyError(
                             study.path,

@@ -37,7 +37,16 @@ MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 CHUNKS = "chunks"
 FULL_VOCAB = "full_vocab.safetensors"
-TRACKED_PACKAGES = ("workbench", "torch", "transformers", "accelerate", "tokenizers", "transformer-lens", "pandas", "numpy")
+TRACKED_PACKAGES = (
+    "workbench",
+    "torch",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "transformer-lens",
+    "pandas",
+    "numpy",
+)
 
 
 def git_hash() -> str | None:
@@ -80,7 +89,9 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 class RunFolder:
     """A run folder being written. `identity` must match to resume an existing folder."""
 
-    def __init__(self, path: str | Path, identity: Mapping[str, Any], *, overwrite: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, identity: Mapping[str, Any], *, overwrite: bool = False
+    ) -> None:
         self.path = Path(path)
         self.identity = dict(identity)
         self.started = time.time()
@@ -92,7 +103,8 @@ class RunFolder:
             previous = json.loads(run_file.read_text())
             if previous.get("identity") != self.identity:
                 changed = sorted(
-                    k for k in set(previous.get("identity", {})) | set(self.identity)
+                    k
+                    for k in set(previous.get("identity", {})) | set(self.identity)
                     if previous.get("identity", {}).get(k) != self.identity.get(k)
                 )
                 raise WorkbenchError(
@@ -114,7 +126,9 @@ class RunFolder:
         return (self.path / MANIFEST).exists()
 
     def chunk_dirs(self) -> list[Path]:
-        return sorted(p for p in (self.path / CHUNKS).iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+        return sorted(
+            p for p in (self.path / CHUNKS).iterdir() if p.is_dir() and not p.name.endswith(".tmp")
+        )
 
     def done_keys(self, table: str, column: str) -> set[int]:
         """Keys (e.g. prompt ids) already in finished chunks."""
@@ -124,7 +138,9 @@ class RunFolder:
             done.update(int(x) for x in frame[column].unique())
         return done
 
-    def write_chunk(self, tables: Mapping[str, pd.DataFrame], extra: Mapping[str, Any] | None = None) -> Path:
+    def write_chunk(
+        self, tables: Mapping[str, pd.DataFrame], extra: Mapping[str, Any] | None = None
+    ) -> Path:
         """Write one chunk's tables (and optional safetensors) and rename it into place."""
         n = len(self.chunk_dirs())
         final = self.path / CHUNKS / f"{n:05d}"

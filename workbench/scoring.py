@@ -17,7 +17,6 @@ Measurement contract (REFERENCE.md §2), as implemented here:
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -74,7 +73,15 @@ def _logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
 
 def _expand_cache(prefix: DynamicCache, batch: int, config: object) -> DynamicCache:
     """A fresh cache holding `prefix` for `batch` rows (the model appends to it in place)."""
-    data = [(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)) for layer in prefix.layers]  # type: ignore[attr-defined]
+    data: list[tuple[Tensor, Tensor]] = []
+    for layer in prefix.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, Tensor) or not isinstance(values, Tensor):
+            raise NotImplementedError(
+                f"prefix sharing needs a key/value cache; {type(layer).__name__} has none: "
+                "pass share_prefix=False (--no-share-prefix)"
+            )
+        data.append((keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)))
     return DynamicCache(ddp_cache_data=data, config=config)  # type: ignore[arg-type]
 
 
@@ -148,7 +155,9 @@ def _score_group(
                 rows.append((ri, ci, row, list(range(answer_pos, answer_pos + len(cont)))))
     rows.sort(key=lambda x: len(x[2]), reverse=True)
 
-    results = {ri: Scored(r.key, [0.0] * len(r.continuations), torch.empty(0)) for ri, r in enumerate(reqs)}
+    results = {
+        ri: Scored(r.key, [0.0] * len(r.continuations), torch.empty(0)) for ri, r in enumerate(reqs)
+    }
     for start in range(0, len(rows), config.batch_size):
         batch = rows[start : start + config.batch_size]
         width = max(len(b[2]) for b in batch)
@@ -159,7 +168,11 @@ def _score_group(
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, n_prefix : n_prefix + len(toks)] = 1
         positions = torch.arange(n_prefix, n_prefix + width).expand(len(batch), -1)
-        cache = _expand_cache(prefix_cache, len(batch), model.config) if prefix_cache is not None else None
+        cache = (
+            _expand_cache(prefix_cache, len(batch), model.config)
+            if prefix_cache is not None
+            else None
+        )
         hidden = model.base_model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -182,8 +195,34 @@ def _score_group(
                 cont = req.continuations[ci]
                 lps = logprobs[k : k + len(reads)]
                 targets = torch.tensor(cont, device=device)
-                res.continuation_logprobs[ci] = float(lps.gather(1, targets[:, None]).sum())
+                res.continuation_logprobs[ci] = float(
+                    lps.gather(1, targets[:, None]).double().sum()
+                )
                 if res.answer_logprobs.numel() == 0:
                     res.answer_logprobs = lps[0].cpu()
             k += len(reads)
     yield from results.values()
+
+
+@torch.inference_mode()
+def naive_score(
+    forward: Callable[[Tensor], Tensor],
+    requests: Sequence[Request],
+    device: torch.device | str = "cpu",
+) -> Iterator[Scored]:
+    """The reference: one unbatched forward per (request, continuation), no cache.
+
+    `forward` maps input ids [1, pos] to logits [1, pos, vocab]: a plain HF model
+    (`lambda ids: model(ids).logits`) or a TransformerLens bridge. Tests and the benchmark's
+    baseline use it; it shares no code path with `score_requests` beyond the log-softmax.
+    """
+    for r in requests:
+        lps = []
+        answer = torch.empty(0)
+        for cont in r.continuations:
+            ids = torch.tensor([[*r.context, *cont]], device=device)
+            logprobs = torch.log_softmax(forward(ids)[0].float(), dim=-1)
+            n = len(r.context)
+            lps.append(sum(float(logprobs[n - 1 + j, t]) for j, t in enumerate(cont)))
+            answer = logprobs[n - 1].cpu()
+        yield Scored(r.key, lps, answer)

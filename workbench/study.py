@@ -229,9 +229,7 @@ class _Ctx:
 
     def placeholders(self, text: str, fieldpath: str, allowed: Sequence[str]) -> set[str]:
         try:
-            names = {
-                name for _, name, _, _ in string.Formatter().parse(text) if name is not None
-            }
+            names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
         except ValueError as err:
             raise self.fail(
                 fieldpath,
@@ -365,7 +363,9 @@ def _parse_scoring(ctx: _Ctx, value: Any) -> Scoring:
     spec = ctx.mapping(
         value, "scoring", ("method", "target", "variants", "aggregate", "top_k", "save_full_vocab")
     )
-    method = ctx.choice(spec.get("method", "next_token"), "scoring.method", ("next_token", "sequence"))
+    method = ctx.choice(
+        spec.get("method", "next_token"), "scoring.method", ("next_token", "sequence")
+    )
     default_target = "label" if method == "next_token" else "text"
     target = ctx.choice(spec.get("target", default_target), "scoring.target", ("label", "text"))
     default_variants = [" {}", "{}"] if method == "next_token" else [" {}"]
@@ -385,9 +385,7 @@ def _parse_scoring(ctx: _Ctx, value: Any) -> Scoring:
     return Scoring(method, target, tuple(variants), aggregate, top_k, full)
 
 
-def _parse_questions(
-    ctx: _Ctx, value: Any, factors: tuple[Factor, ...]
-) -> tuple[Question, ...]:
+def _parse_questions(ctx: _Ctx, value: Any, factors: tuple[Factor, ...]) -> tuple[Question, ...]:
     if not isinstance(value, list) or not value:
         raise ctx.fail("questions", "expected a non-empty list", "list at least one question")
     names = [f.name for f in factors]
@@ -402,7 +400,9 @@ def _parse_questions(
                 raise ctx.fail(f"{fp}.{required}", "missing", f"add `{required}:` to the question")
         qid = ctx.string(spec["id"], f"{fp}.id")
         if any(q.id == qid for q in out):
-            raise ctx.fail(f"{fp}.id", f"duplicate question id {qid!r}", "give every question a unique id")
+            raise ctx.fail(
+                f"{fp}.id", f"duplicate question id {qid!r}", "give every question a unique id"
+            )
         text = ctx.string(spec["text"], f"{fp}.text")
         ctx.placeholders(text, f"{fp}.text", names)
         options = ctx.string_list(spec["options"], f"{fp}.options")
@@ -415,7 +415,9 @@ def _parse_questions(
                     "list each option once: in `options` or in `refusal`",
                 )
         n_all = len(options) + len(refusal)
-        labels = _parse_labels(ctx, spec.get("labels", "letters"), f"{fp}.labels", n_all, options + refusal)
+        labels = _parse_labels(
+            ctx, spec.get("labels", "letters"), f"{fp}.labels", n_all, options + refusal
+        )
         values = None
         ordinal = spec.get("ordinal", "values" in spec)
         if not isinstance(ordinal, bool):
@@ -470,7 +472,16 @@ def _parse_template(
     spec = ctx.mapping(
         value,
         "template",
-        ("format", "persona", "prompt", "system", "user", "prefill", "option_line", "option_separator"),
+        (
+            "format",
+            "persona",
+            "prompt",
+            "system",
+            "user",
+            "prefill",
+            "option_line",
+            "option_separator",
+        ),
     )
     fmt = ctx.choice(spec.get("format", "plain"), "template.format", ("plain", "chat"))
     names = [f.name for f in factors]
@@ -491,7 +502,9 @@ def _parse_template(
                     "set `format: chat`, or put everything in `template.prompt`",
                 )
         if "prompt" not in spec:
-            raise ctx.fail("template.prompt", "missing", "add the prompt text with {question} and {options}")
+            raise ctx.fail(
+                "template.prompt", "missing", "add the prompt text with {question} and {options}"
+            )
         prompt = ctx.string(spec["prompt"], "template.prompt")
         used = ctx.placeholders(prompt, "template.prompt", allowed)
         last = prompt
@@ -503,7 +516,9 @@ def _parse_template(
                 "split it into `template.system` and `template.user`",
             )
         if "user" not in spec:
-            raise ctx.fail("template.user", "missing", "add the user message with {question} and {options}")
+            raise ctx.fail(
+                "template.user", "missing", "add the user message with {question} and {options}"
+            )
         user = ctx.string(spec["user"], "template.user")
         used = ctx.placeholders(user, "template.user", allowed)
         if "system" in spec:
@@ -530,7 +545,9 @@ def _parse_template(
     ctx.placeholders(option_line, "template.option_line", OPTION_LINE_FIELDS)
     sep = spec.get("option_separator", "\n")
     if not isinstance(sep, str):
-        raise ctx.fail("template.option_separator", "expected text", 'write a quoted string such as "\\n"')
+        raise ctx.fail(
+            "template.option_separator", "expected text", 'write a quoted string such as "\\n"'
+        )
     return Template(fmt, tuple(persona), prompt, system, user, prefill, option_line, sep)
 
 
@@ -554,7 +571,9 @@ def _parse_cell(ctx: _Ctx, value: Any, fp: str, factors: tuple[Factor, ...]) -> 
 
 def _parse_design(ctx: _Ctx, value: Any, factors: tuple[Factor, ...]) -> Design:
     spec = ctx.mapping(value, "design", ("kind", "path", "n", "seed", "coarse"))
-    kind = ctx.choice(spec.get("kind", "factorial"), "design.kind", ("factorial", "table", "random"))
+    kind = ctx.choice(
+        spec.get("kind", "factorial"), "design.kind", ("factorial", "table", "random")
+    )
     path = n = None
     if kind == "table":
         if "path" not in spec:
@@ -570,14 +589,22 @@ def _parse_design(ctx: _Ctx, value: Any, factors: tuple[Factor, ...]) -> Design:
     seed = ctx.integer(spec.get("seed", 0), "design.seed", minimum=0)
     coarse_raw = spec.get("coarse", [])
     if not isinstance(coarse_raw, list):
-        raise ctx.fail("design.coarse", "expected a list", "write a list of partial cells, e.g. - {party: Democrat}")
-    coarse = tuple(_parse_cell(ctx, c, f"design.coarse[{i}]", factors) for i, c in enumerate(coarse_raw))
+        raise ctx.fail(
+            "design.coarse",
+            "expected a list",
+            "write a list of partial cells, e.g. - {party: Democrat}",
+        )
+    coarse = tuple(
+        _parse_cell(ctx, c, f"design.coarse[{i}]", factors) for i, c in enumerate(coarse_raw)
+    )
     return Design(kind, path, n, seed, coarse)
 
 
 def _parse_orders(ctx: _Ctx, value: Any) -> Orders:
     spec = ctx.mapping(value, "orders", ("kind", "k", "cap", "seed"))
-    kind = ctx.choice(spec.get("kind", "canonical"), "orders.kind", ("canonical", "cyclic", "all", "random"))
+    kind = ctx.choice(
+        spec.get("kind", "canonical"), "orders.kind", ("canonical", "cyclic", "all", "random")
+    )
     k = ctx.integer(spec.get("k", 1 if kind != "random" else 4), "orders.k", minimum=1)
     cap = ctx.integer(spec.get("cap", 24), "orders.cap", minimum=1)
     seed = ctx.integer(spec.get("seed", 0), "orders.seed", minimum=0)
@@ -590,7 +617,10 @@ def _expand_design(
     names = [f.name for f in factors]
     cells: list[Cell]
     if design.kind == "factorial":
-        cells = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(f.values for f in factors))]
+        cells = [
+            dict(zip(names, combo, strict=True))
+            for combo in itertools.product(*(f.values for f in factors))
+        ]
     elif design.kind == "random":
         assert design.n is not None
         total = 1
@@ -625,7 +655,9 @@ def _read_table(ctx: _Ctx, path: Path, factors: tuple[Factor, ...]) -> list[Cell
     import pandas as pd
 
     if not path.is_file():
-        raise ctx.fail("design.path", f"no such file {str(path)!r}", "give a path relative to the study file")
+        raise ctx.fail(
+            "design.path", f"no such file {str(path)!r}", "give a path relative to the study file"
+        )
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -635,9 +667,13 @@ def _read_table(ctx: _Ctx, path: Path, factors: tuple[Factor, ...]) -> list[Cell
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
-            raise ctx.fail("design.path", f"unsupported file type {suffix!r}", "use .csv, .jsonl or .parquet")
+            raise ctx.fail(
+                "design.path", f"unsupported file type {suffix!r}", "use .csv, .jsonl or .parquet"
+            )
     except (ValueError, OSError) as err:
-        raise ctx.fail("design.path", f"cannot read {path.name}: {err}", "check the file's format") from None
+        raise ctx.fail(
+            "design.path", f"cannot read {path.name}: {err}", "check the file's format"
+        ) from None
     names = [f.name for f in factors]
     for col in frame.columns:
         if col not in names:
@@ -649,7 +685,8 @@ def _read_table(ctx: _Ctx, path: Path, factors: tuple[Factor, ...]) -> list[Cell
     cells: list[Cell] = []
     for row_i, row in enumerate(frame.to_dict("records")):
         cell: Cell = {n: None for n in names}
-        for col, v in row.items():
+        for col_key, v in row.items():
+            col = str(col_key)
             if v is None or (isinstance(v, float) and v != v) or v == "":
                 continue
             text = str(v)

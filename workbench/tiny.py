@@ -69,8 +69,11 @@ def train_tokenizer(
     )
     corpus = [*texts, *DEFAULT_CORPUS, " ".join(singles), *(" " + c for c in singles)]
     tok.train_from_iterator(corpus, trainer=trainer)
-    # Make every label-like piece one token: " A", "A", " 7", "(A" is left to BPE.
-    tok.add_tokens([c for c in singles] + [" " + c for c in singles])
+    # Labels must be single tokens (" A", "A", " 7"); the corpus above makes BPE merge them.
+    # (Adding them with `add_tokens` instead would split every word into characters.)
+    for piece in [*singles, *(" " + c for c in singles)]:
+        if len(tok.encode(piece, add_special_tokens=False).ids) != 1:
+            raise ValueError(f"vocab_size {vocab_size} too small: {piece!r} is not one token")
     bos_id = tok.token_to_id(BOS)
     if bos:
         tok.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny local models (built once per session, read-only) and a valid study."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workbench.tiny import build_tiny_model
+
+_EXAMPLE_STUDY: dict[str, Any] = {
+    "name": "example",
+    "factors": [
+        {"name": "party", "role": "persona", "values": ["Democrat", "Republican"]},
+        {"name": "age", "role": "persona", "values": ["30", "60"]},
+        {"name": "movie", "role": "stimulus", "values": ["Up", "Jaws"]},
+    ],
+    "template": {
+        "format": "plain",
+        "persona": ["I am {age} years old.", "Politically, I am a {party}."],
+        "prompt": "{persona}\nQuestion: {question}\n{options}\nAnswer:",
+    },
+    "questions": [
+        {
+            "id": "like",
+            "text": "Do you like {movie}?",
+            "options": ["Yes", "No"],
+            "refusal": ["Don't know"],
+        },
+        {"id": "economy", "text": "How is the economy?", "options": ["Good", "Fair", "Poor"]},
+    ],
+}
+
+
+def example_study_dict() -> dict[str, Any]:
+    """A small valid study (2 persona factors, 1 stimulus factor, 2 questions); a fresh copy."""
+    return copy.deepcopy(_EXAMPLE_STUDY)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama-style model folder (BOS-adding tokenizer with a chat template). Read-only."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2-style model folder (tokenizer adds no BOS). Read-only."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tiny_llama_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tiny_gpt2_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_gpt2_dir)
