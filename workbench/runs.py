@@ -93,7 +93,8 @@ class RunFolder:
         self, path: str | Path, identity: Mapping[str, Any], *, overwrite: bool = False
     ) -> None:
         self.path = Path(path)
-        self.identity = dict(identity)
+        # JSON round trip: tuples come back as lists, so compare what is stored.
+        self.identity = json.loads(json.dumps(dict(identity), default=str))
         self.started = time.time()
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
