@@ -40,6 +40,11 @@ def _cmd_distributions(args: argparse.Namespace) -> int:
     from workbench.models import load_model
     from workbench.study import load_study
 
+    for flag in ("batch_size", "chunk_prompts"):
+        if getattr(args, flag) < 1:
+            raise WorkbenchError(
+                f"--{flag.replace('_', '-')} must be at least 1", fix="pass a positive number"
+            )
     study = load_study(args.study)
     lm = load_model(
         args.model,

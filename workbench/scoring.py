@@ -12,6 +12,12 @@ Measurement contract (REFERENCE.md §2), as implemented here:
   come after them and causal attention never sees them), sorted by length into batches, and
   logits are computed only at the positions that are read. Tests check all of this against
   an unbatched plain HF forward.
+- Options packed in one row (`EngineConfig.pack_options`, sdpa/eager attention): a request's
+  context suffix runs once, followed by a prefix tree (trie) of its continuations' tokens
+  (all but each continuation's last token; continuations sharing leading tokens share
+  nodes). A 4D attention mask lets each tree token see the persona prefix, the whole
+  context suffix and its own ancestors only, with the position ids it would have in a plain
+  forward of context + continuation, so every read log-prob is the one that forward gives.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ class EngineConfig:
     share_prefix: bool = True
     min_prefix_tokens: int = 8
     """Share a group's common prefix only when it is at least this long."""
+    pack_options: bool = True
+    """Score all continuations of a request in one row (context once + a token tree under a
+    4D mask). Used with sdpa and eager attention; other attention kernels take one row per
+    continuation."""
 
 
 def _logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
@@ -141,6 +151,13 @@ def _score_group(
         out = model.base_model(input_ids=ids, use_cache=True)
         prefix_cache = getattr(out, "cache", None) or out.past_key_values
 
+    mask_kind = _custom_mask_kind(model) if config.pack_options else None
+    if mask_kind is not None:
+        yield from _score_packed(
+            model, reqs, config, pad_id, device, n_prefix, prefix_cache, mask_kind
+        )
+        return
+
     # One row per (request, continuation) for sequence scoring; next_token needs one row.
     rows: list[tuple[int, int, list[int], list[int]]] = []
     """(request index, continuation index or -1 for all, row token ids, read positions)"""
@@ -226,3 +243,145 @@ def naive_score(
             lps.append(sum(float(logprobs[n - 1 + j, t]) for j, t in enumerate(cont)))
             answer = logprobs[n - 1].cpu()
         yield Scored(r.key, lps, answer)
+
+
+def _custom_mask_kind(model: PreTrainedModel) -> str | None:
+    """How a custom 4D mask is given to the model's attention: bool (sdpa), float (eager), or
+    None where arbitrary masks are not supported (flash attention, flex attention)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "sdpa":
+        return "bool"
+    if impl == "eager":
+        return "float"
+    return None
+
+
+@dataclass
+class _PackedRow:
+    """One request's context suffix followed by the token tree of its continuations."""
+
+    ri: int
+    tokens: list[int]
+    positions: list[int]
+    """Position ids relative to the end of the shared prefix."""
+    parents: list[int]
+    """Per token: -1 for context-suffix tokens (plain causal), else the index of its parent."""
+    reads: list[int]
+    """Row indices whose next-token distribution is read (index 0: the answer position)."""
+    targets: list[list[tuple[int, int]]]
+    """Per continuation: (index into `reads`, token id) for each of its tokens."""
+
+
+def _pack_request(ri: int, suffix: list[int], continuations: Sequence[Sequence[int]]) -> _PackedRow:
+    n = len(suffix)
+    answer = n - 1
+    tokens = list(suffix)
+    positions = list(range(n))
+    parents = [-1] * n
+    reads = [answer]
+    read_of = {answer: 0}
+    node: dict[tuple[int, ...], int] = {(): answer}
+    targets = []
+    for cont in continuations:
+        tgt = []
+        for j, tok in enumerate(cont):
+            where = node[tuple(cont[:j])]
+            if where not in read_of:
+                read_of[where] = len(reads)
+                reads.append(where)
+            tgt.append((read_of[where], tok))
+            if j + 1 < len(cont) and tuple(cont[: j + 1]) not in node:
+                node[tuple(cont[: j + 1])] = len(tokens)
+                tokens.append(tok)
+                positions.append(answer + j + 1)
+                parents.append(where)
+        targets.append(tgt)
+    return _PackedRow(ri, tokens, positions, parents, reads, targets)
+
+
+def _packed_mask(rows: Sequence[_PackedRow], n_prefix: int, width: int) -> Tensor:
+    """[batch, 1, width, n_prefix + width] bool: what each row position may attend to."""
+    allowed = torch.zeros((len(rows), width, n_prefix + width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n = len(row.tokens)
+        allowed[b, :n, :n_prefix] = True
+        own = allowed[b, :, n_prefix:]
+        n_ctx = sum(1 for p in row.parents if p == -1)
+        own[:n_ctx, :n_ctx] = torch.ones((n_ctx, n_ctx), dtype=torch.bool).tril_()
+        for i in range(n_ctx, n):
+            own[i] = own[row.parents[i]]
+            own[i, i] = True
+        # Pads see only themselves: no row is fully masked (which would give NaN), and no
+        # real token ever sees a pad.
+        idx = torch.arange(n, width)
+        own[idx, idx] = True
+    return allowed[:, None]
+
+
+def _score_packed(
+    model: PreTrainedModel,
+    reqs: list[Request],
+    config: EngineConfig,
+    pad_id: int,
+    device: torch.device,
+    n_prefix: int,
+    prefix_cache: DynamicCache | None,
+    mask_kind: str,
+) -> Iterator[Scored]:
+    rows = [
+        _pack_request(ri, list(r.context[n_prefix:]), r.continuations) for ri, r in enumerate(reqs)
+    ]
+    rows.sort(key=lambda row: len(row.tokens), reverse=True)
+    dtype = next(model.parameters()).dtype
+    results: dict[int, Scored] = {}
+    for start in range(0, len(rows), config.batch_size):
+        batch = rows[start : start + config.batch_size]
+        width = max(len(row.tokens) for row in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        positions = torch.arange(n_prefix, n_prefix + width).repeat(len(batch), 1)
+        for i, row in enumerate(batch):
+            ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
+            positions[i, : len(row.tokens)] = torch.tensor(row.positions) + n_prefix
+        allowed = _packed_mask(batch, n_prefix, width).to(device)
+        if mask_kind == "bool":
+            mask = allowed
+        else:
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        cache = (
+            _expand_cache(prefix_cache, len(batch), model.config)
+            if prefix_cache is not None
+            else None
+        )
+        hidden = model.base_model(
+            input_ids=ids.to(device),
+            attention_mask=mask,
+            position_ids=positions.to(device),
+            use_cache=cache is not None,
+            **{_cache_kwarg(model): cache},
+        ).last_hidden_state
+        row_idx = torch.tensor([i for i, row in enumerate(batch) for _ in row.reads], device=device)
+        pos_idx = torch.tensor([p for row in batch for p in row.reads], device=device)
+        logprobs = torch.log_softmax(_logits(model, hidden[row_idx, pos_idx]), dim=-1)
+        # Gather every (read, token) pair at once; sum per continuation on the host.
+        flat_rows: list[int] = []
+        flat_toks: list[int] = []
+        k = 0
+        for row in batch:
+            for tgt in row.targets:
+                flat_rows.extend(k + r for r, _ in tgt)
+                flat_toks.extend(t for _, t in tgt)
+            k += len(row.reads)
+        picked = logprobs[
+            torch.tensor(flat_rows, device=device), torch.tensor(flat_toks, device=device)
+        ].tolist()
+        k = j = 0
+        for row in batch:
+            req = reqs[row.ri]
+            sums = []
+            for tgt in row.targets:
+                sums.append(float(sum(picked[j : j + len(tgt)])))
+                j += len(tgt)
+            results[row.ri] = Scored(req.key, sums, logprobs[k].cpu())
+            k += len(row.reads)
+    yield from (results[ri] for ri in range(len(reqs)))
