@@ -43,6 +43,8 @@ class DistributionConfig:
     batch_size: int = 32
     share_prefix: bool = True
     min_prefix_tokens: int = 8
+    pack_options: bool = True
+    """Score all options of a prompt in one row (a token tree under a 4D attention mask)."""
     chunk_prompts: int = 256
     """Prompts per chunk written to disk (what a crash can lose at most)."""
     progress: bool = True
@@ -240,7 +242,12 @@ def compute_distributions(
     prompts_df = P.prompts_frame(study, prompts)
     requests, variant_skeleton = build_requests(study, lm, prompts)
     t_render = time.time() - t0
-    engine = EngineConfig(config.batch_size, config.share_prefix, config.min_prefix_tokens)
+    engine = EngineConfig(
+        batch_size=config.batch_size,
+        share_prefix=config.share_prefix,
+        min_prefix_tokens=config.min_prefix_tokens,
+        pack_options=config.pack_options,
+    )
     factor_names = [f.name for f in study.factors]
 
     run: RunFolder | None = None

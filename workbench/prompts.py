@@ -276,7 +276,8 @@ def continuation_ids(
     stripped = prompt.text.rstrip()
     continuation = prompt.text[len(stripped) :] + surface
     add_special = study.template.format == "plain"
-    ctx_ids = list(tokenizer(stripped, add_special_tokens=add_special)["input_ids"])
+    # `render` fed exactly `stripped` under sequence scoring: reuse its ids, don't re-encode.
+    ctx_ids = list(prompt.input_ids)
     whole = list(tokenizer(stripped + continuation, add_special_tokens=add_special)["input_ids"])
     if whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids):
         return whole[len(ctx_ids) :]

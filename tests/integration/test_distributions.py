@@ -172,9 +172,18 @@ def test_independent_of_batch_size_padding_and_prefix_sharing(
     study = study_with(scoring=scoring)
     runs = [
         compute_distributions(
-            study, llama, config=DistributionConfig(batch_size=b, share_prefix=s, progress=False)
+            study,
+            llama,
+            config=DistributionConfig(batch_size=b, share_prefix=s, pack_options=k, progress=False),
         )
-        for b, s in [(1, False), (3, True), (64, True), (64, False)]
+        # (batch size, share persona prefix, pack options as a token tree)
+        for b, s, k in [
+            (1, False, False),
+            (3, True, True),
+            (64, True, True),
+            (64, False, True),
+            (2, True, False),
+        ]
     ]
     base = runs[0].variants["logprob"].to_numpy()
     for other in runs[1:]:

@@ -1,0 +1,1 @@
+"""Driver scripts (benchmarks, one-off reports); run as `python -m scripts.<name>`."""
