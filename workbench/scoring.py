@@ -101,6 +101,31 @@ def _cache_kwarg(model: PreTrainedModel) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _forward_hidden(
+    model: PreTrainedModel,
+    ids: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    prefix_cache: DynamicCache | None,
+) -> Tensor:
+    """Final hidden states [batch, pos, d_model] of rows that continue a shared prefix."""
+    device = next(model.parameters()).device
+    cache = (
+        _expand_cache(prefix_cache, ids.shape[0], model.config)
+        if prefix_cache is not None
+        else None
+    )
+    out = model.base_model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=cache is not None,
+        **{_cache_kwarg(model): cache},
+    )
+    hidden: Tensor = out.last_hidden_state
+    return hidden
+
+
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
@@ -185,18 +210,7 @@ def _score_group(
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, n_prefix : n_prefix + len(toks)] = 1
         positions = torch.arange(n_prefix, n_prefix + width).expand(len(batch), -1)
-        cache = (
-            _expand_cache(prefix_cache, len(batch), model.config)
-            if prefix_cache is not None
-            else None
-        )
-        hidden = model.base_model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            use_cache=cache is not None,
-            **{_cache_kwarg(model): cache},
-        ).last_hidden_state
+        hidden = _forward_hidden(model, ids, mask, positions, prefix_cache)
         row_idx = torch.tensor([i for i, b in enumerate(batch) for _ in b[3]], device=device)
         pos_idx = torch.tensor([p for b in batch for p in b[3]], device=device)
         logprobs = torch.log_softmax(_logits(model, hidden[row_idx, pos_idx]), dim=-1)
@@ -348,18 +362,7 @@ def _score_packed(
         else:
             mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        cache = (
-            _expand_cache(prefix_cache, len(batch), model.config)
-            if prefix_cache is not None
-            else None
-        )
-        hidden = model.base_model(
-            input_ids=ids.to(device),
-            attention_mask=mask,
-            position_ids=positions.to(device),
-            use_cache=cache is not None,
-            **{_cache_kwarg(model): cache},
-        ).last_hidden_state
+        hidden = _forward_hidden(model, ids, mask, positions, prefix_cache)
         row_idx = torch.tensor([i for i, row in enumerate(batch) for _ in row.reads], device=device)
         pos_idx = torch.tensor([p for row in batch for p in row.reads], device=device)
         logprobs = torch.log_softmax(_logits(model, hidden[row_idx, pos_idx]), dim=-1)
