@@ -57,6 +57,7 @@ class Report:
     """What one benchmark run measured."""
 
     times: dict[str, list[float]]
+    """Wall seconds per repeat and method (CPU seconds are in the text)."""
     counts: dict[str, np.ndarray]
     """[prompt, category] answer counts per method (options, then refusal phrase, unparseable)."""
     mean_tv: float
@@ -167,9 +168,10 @@ def main(argv: list[str] | None = None) -> Report:
     from transformers.utils import logging as hf_logging
 
     from workbench import prompts as P
+    from workbench.decoding import plan_prompts
     from workbench.models import load_model
     from workbench.organism import build_organism
-    from workbench.sampling import SamplingConfig, _plans, compute_samples
+    from workbench.sampling import SamplingConfig, compute_samples
     from workbench.study import load_study
 
     hf_logging.set_verbosity_error()
@@ -183,9 +185,9 @@ def main(argv: list[str] | None = None) -> Report:
     # Every cell asks the rating item; the attitude item adds one prompt per new persona.
     study = dataclasses.replace(study, cells=cells[:n_prompts])
     prompts = P.render(study, lm.tokenizer)
-    plans = _plans(study, prompts, lm.tokenizer, constrain=False)
+    plans = plan_prompts(study, prompts, lm.tokenizer, constrain=False)
     warm_study = dataclasses.replace(study, cells=cells[:1])
-    warm_plans = _plans(warm_study, P.render(warm_study, lm.tokenizer), lm.tokenizer, False)
+    warm_plans = plan_prompts(warm_study, P.render(warm_study, lm.tokenizer), lm.tokenizer, False)
     config = SamplingConfig(
         n=args.n,
         max_new_tokens=args.max_new_tokens,
@@ -208,12 +210,14 @@ def main(argv: list[str] | None = None) -> Report:
     compute_samples(warm_study, lm, None, dataclasses.replace(config, n=4))
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     outputs: dict[str, Any] = {}
     for _ in range(repeats):
         for name, run in methods.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outputs[name] = run()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     load_after = os.getloadavg()[0]
 
     counts = {
@@ -231,13 +235,15 @@ def main(argv: list[str] | None = None) -> Report:
     agree = bool(tv.mean() <= floor_q95)
 
     best = {m: min(t) for m, t in times.items()}
+    best_cpu = {m: min(t) for m, t in cpu.items()}
     n_samples = len(prompts) * args.n
     new_tokens = int(outputs["workbench"].samples["n_new_tokens"].sum())
     rows = []
     for name in methods:
         rows.append(
             f"| {name} | {best[name]:.3f} | {n_samples / best[name]:,.0f} | "
-            f"{best['hf-generate'] / best[name]:.2f}x |"
+            f"**{best['hf-generate'] / best[name]:.2f}x** | {best_cpu[name]:.3f} | "
+            f"{best_cpu['hf-generate'] / best_cpu[name]:.2f}x |"
         )
     cfg = lm.model.config
     versions = {p: metadata.version(p) for p in ("torch", "transformers")}
@@ -257,13 +263,16 @@ def main(argv: list[str] | None = None) -> Report:
             f"the workbench generated {new_tokens:,} tokens ({new_tokens / n_samples:.2f} per completion)",
             f"- Settings: workbench `batch_rows` {args.batch_rows} ({per_call} prompts per wave; also the prompts per call of "
             f"hf-generate-batched); best of {repeats} interleaved repeats; times in s: "
-            + "; ".join(f"{m} {' '.join(f'{t:.2f}' for t in ts)}" for m, ts in times.items()),
+            + "; ".join(f"{m} {' '.join(f'{t:.2f}' for t in ts)}" for m, ts in times.items())
+            + " (CPU s: "
+            + "; ".join(f"{m} {' '.join(f'{t:.2f}' for t in ts)}" for m, ts in cpu.items())
+            + ")",
             f"- Agreement (workbench vs hf-generate): mean over prompts of the TV between the two sampled answer "
             f"distributions {tv.mean():.4f}; two-sample sampling floor {floor_mean:.4f} (95th percentile "
             f"{floor_q95:.4f}): **{'within' if agree else 'NOT within'} sampling noise**",
             "",
-            "| method | best s | completions/s | speed vs hf-generate |",
-            "|---|---:|---:|---:|",
+            "| method | best wall s | completions/s | speed vs hf-generate (wall) | best CPU s | speed (CPU time) |",
+            "|---|---:|---:|---:|---:|---:|",
             *rows,
             "",
             "hf-generate: one `generate(num_return_sequences=N, do_sample=True, top_k=0)` call per prompt "

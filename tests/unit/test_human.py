@@ -1,0 +1,204 @@
+"""Human survey data: both formats, every file type, the errors, and the law of total
+probability (structural-consistency gap 0) for respondent data. No model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import example_study_dict
+
+from workbench.compare import cell_key
+from workbench.errors import WorkbenchError
+from workbench.human import load_human
+from workbench.study import Study, parse_study
+from workbench.survey import structural_gaps, structural_groups
+
+FACTORS = ["party", "age", "movie"]
+
+
+@pytest.fixture
+def study() -> Study:
+    raw = example_study_dict()
+    raw["factors"][0]["weights"] = [0.6, 0.4]
+    return parse_study(raw)
+
+
+def _cells(rows: list[dict[str, str | None]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    for f in FACTORS:
+        if f not in frame:
+            frame[f] = None
+    frame["persona_id"] = "p"
+    return frame.assign(key=cell_key(frame, FACTORS))
+
+
+def test_proportions_with_coarse_cells_and_refusal(tmp_path: Path, study: Study) -> None:
+    path = tmp_path / "human.csv"
+    pd.DataFrame(
+        {
+            "question_id": ["like"] * 3 + ["like"] * 3 + ["economy"] * 3,
+            "party": ["Democrat"] * 3 + [""] * 3 + ["Republican"] * 3,
+            "option": ["Yes", "No", "Don't know"] * 2 + ["Good", "fair", "Poor"],
+            "prob": [0.6, 0.2, 0.2, 0.5, 0.5, 0.0, 0.1, 0.3, 0.6],
+            "source_note": ["x"] * 9,
+        }
+    ).to_csv(path, index=False)
+    human = load_human(path, study)
+    assert human.format == "proportions" and human.factors == ("party",)
+    assert human.ignored_columns == ("source_note",)
+    cells = _cells(
+        [
+            {"question_id": "like", "party": "Democrat", "movie": "Up"},
+            {"question_id": "like", "movie": "Jaws"},  # coarse: party unspecified
+            {"question_id": "economy", "party": "Republican", "age": "30"},
+            {"question_id": "economy", "party": "Democrat"},  # no human data
+        ]
+    )
+    got = human.distributions(cells)
+    first = got[got["cell"] == 0].sort_values("option_id")
+    np.testing.assert_allclose(first["prob"], [0.75, 0.25])  # renormalized without refusal
+    assert first["refusal"].iloc[0] == pytest.approx(0.2)
+    np.testing.assert_allclose(got[got["cell"] == 1]["prob"], [0.5, 0.5])
+    np.testing.assert_allclose(
+        got[got["cell"] == 2].sort_values("option_id")["prob"], [0.1, 0.3, 0.6]
+    )
+    assert 3 not in set(got["cell"])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".json"])
+def test_file_types_and_percentages(tmp_path: Path, study: Study, suffix: str) -> None:
+    frame = pd.DataFrame(
+        {"question_id": "economy", "option_id": [0, 1, 2], "share": [20.0, 30.0, 50.0]}
+    )
+    path = tmp_path / f"human{suffix}"
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".json":
+        frame.to_json(path, orient="records")
+    else:
+        frame.to_parquet(path)
+    human = load_human(path, study, prob_column="share")
+    assert human.percentages
+    got = human.distributions(_cells([{"question_id": "economy", "party": "Democrat"}]))
+    np.testing.assert_allclose(got.sort_values("option_id")["prob"], [0.2, 0.3, 0.5])
+
+
+def test_respondent_rows_long_and_wide(tmp_path: Path, study: Study) -> None:
+    long = pd.DataFrame(
+        {
+            "question_id": "economy",
+            "party": ["Democrat", "Democrat", "Republican", "Republican", "Republican"],
+            "age": ["30", "60", "30", "60", "60"],
+            "answer": ["Good", "Poor", "Fair", "Fair", "Good"],
+            "weight": [1.0, 3.0, 2.0, 1.0, 1.0],
+        }
+    )
+    long.to_csv(tmp_path / "long.csv", index=False)
+    human = load_human(tmp_path / "long.csv", study)
+    assert human.format == "respondents"
+    cells = _cells(
+        [
+            {"question_id": "economy", "party": "Democrat"},
+            {"question_id": "economy"},
+            {"question_id": "economy", "party": "Republican", "age": "60"},
+        ]
+    )
+    got = human.distributions(cells)
+    dem = got[got["cell"] == 0].sort_values("option_id")
+    np.testing.assert_allclose(dem["prob"], [0.25, 0.0, 0.75])
+    everyone = got[got["cell"] == 1].sort_values("option_id")
+    np.testing.assert_allclose(everyone["prob"], np.array([2.0, 3.0, 3.0]) / 8)
+    assert everyone["n"].iloc[0] == 5
+    np.testing.assert_allclose(
+        got[got["cell"] == 2].sort_values("option_id")["prob"], [0.5, 0.5, 0.0]
+    )
+    # The wide form (one column per question id) reads the same.
+    wide = long.rename(columns={"answer": "economy"}).drop(columns="question_id")
+    wide.to_parquet(tmp_path / "wide.parquet")
+    again = load_human(tmp_path / "wide.parquet", study).distributions(cells)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), again.reset_index(drop=True))
+
+
+def test_structural_gap_of_respondent_data_is_zero(tmp_path: Path, study: Study) -> None:
+    """Everyone vs the party subgroups mixed with the respondents' own weights (refusals
+    included: conditionals mix with P(s) * P(substantive | s))."""
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame(
+        {
+            "question_id": "like",
+            "party": rng.choice(["Democrat", "Republican"], n, p=[0.3, 0.7]),
+            "answer": rng.choice(["Yes", "No", "Don't know"], n),
+            "weight": rng.uniform(0.5, 2.0, n),
+        }
+    )
+    frame.to_csv(tmp_path / "r.csv", index=False)
+    human = load_human(tmp_path / "r.csv", study)
+    cells = _cells(
+        [
+            {"question_id": "like", "movie": "Up"},
+            {"question_id": "like", "movie": "Up", "party": "Democrat"},
+            {"question_id": "like", "movie": "Up", "party": "Republican"},
+        ]
+    )
+    groups = structural_groups(cells, study, human)
+    assert len(groups) == 1 and groups[0]["by"] == "party"
+    assert sum(groups[0]["weights"]) == pytest.approx(1.0)
+    found = human.distributions(cells).merge(cells[["key"]], left_on="cell", right_index=True)
+    table = structural_gaps(groups, {"human": found.assign(question_id="like")}, {})
+    assert table["gap_tv"].iloc[0] == pytest.approx(0.0, abs=1e-12)
+    assert bool(table["argmax_agrees"].iloc[0])
+
+
+@pytest.mark.parametrize(
+    ("frame", "field", "fix"),
+    [
+        ({"question_id": ["nope"], "option_id": [0], "prob": [1.0]}, "question_id", "use one of"),
+        (
+            {"question_id": ["economy"], "option": ["Great"], "prob": [1.0]},
+            "option",
+            "Good, Fair, Poor",
+        ),
+        ({"question_id": ["economy"], "option_id": [7], "prob": [1.0]}, "option_id", "0..2"),
+        (
+            {"question_id": ["economy"], "party": ["Green"], "option_id": [0], "prob": [1.0]},
+            "party",
+            "Democrat",
+        ),
+        (
+            {"question_id": ["economy"] * 2, "option_id": [0, 1], "prob": [0.2, 0.3]},
+            "prob",
+            "sum to 1",
+        ),
+        ({"question_id": ["economy"], "option_id": [0], "prob": [-1.0]}, "prob", ">= 0"),
+        (
+            {"question_id": ["economy"] * 2, "option_id": [0, 0], "prob": [0.5, 0.5]},
+            "option_id",
+            "one row",
+        ),
+        ({"question": ["economy"], "answer": ["Good"]}, "question_id", "question_id"),
+        ({"question_id": ["economy"], "value": [1]}, "(columns)", "answer"),
+        ({"question_id": ["economy"], "answer": ["Good"], "weight": ["heavy"]}, "weight", ">= 0"),
+    ],
+)
+def test_errors_name_file_field_and_fix(
+    tmp_path: Path, study: Study, frame: dict[str, list[object]], field: str, fix: str
+) -> None:
+    path = tmp_path / "bad.csv"
+    pd.DataFrame(frame).to_csv(path, index=False)
+    with pytest.raises(WorkbenchError) as info:
+        load_human(path, study)
+    message = str(info.value)
+    assert str(path) in message and f"{field}:" in message and "fix:" in message, message
+    assert fix in message, message
+
+
+def test_unreadable_and_missing_files(tmp_path: Path, study: Study) -> None:
+    with pytest.raises(WorkbenchError, match="no such file"):
+        load_human(tmp_path / "none.csv", study)
+    (tmp_path / "h.txt").write_text("x")
+    with pytest.raises(WorkbenchError, match="unsupported file type"):
+        load_human(tmp_path / "h.txt", study)

@@ -1,0 +1,570 @@
+"""Sampled and verbalized answer distributions (REFERENCE.md §3): `workbench sample`.
+
+N completions per prompt, each parsed into an option, a refusal or "unparseable" (never
+dropped; see `workbench.answers`), counted into a sampled distribution; beside the counts,
+the *answer-position* estimate: for every sample whose text reaches its answer, the exact
+option distribution at that position, averaged over samples.
+
+**The engine** (`workbench.decoding`): each prompt is prefilled once and its KV cache repeated
+N times (HF `generate(num_return_sequences=N)` prefills it N times); the rows of a wave of
+`batch_rows // n` prompts decode together and leave the batch at EOS, at `max_new_tokens`, or
+as soon as their answer is parsed. Float32 softmax(logits / temperature), HF's top-p rule, one
+`torch.Generator` per wave seeded from (seed, the wave's first prompt id, its size): a run is
+reproducible for the same seed and `batch_rows`, and a resumed run draws exactly what the
+uninterrupted one would.
+
+**Answer-position distributions (Rao-Blackwellization).** For every sample whose text reaches
+its answer, the exact option distribution at the answer's token is read by teacher forcing
+(from the decoding step itself when the answer starts at a token boundary, else by an
+explicit forward; see `workbench.decoding`). Per sample we store the sampling distribution at the slot (temperature and top-p applied,
+renormalized over the options of the kind of surface the answer used) and the raw
+temperature-1 option log-probs. Their mean over samples estimates the sampled answer
+distribution without bias: conditional on the prefix and on an option being written at this
+slot, the option drawn follows exactly that renormalized distribution. It has far less
+variance than counting (see `estimator_accuracy`).
+
+**Verbalized** (`sampling.verbalized: true` in the study): every question gets the study's
+`sampling.instruction` (a request for a JSON object of percentages per option); each sample
+is parsed by `workbench.answers.parse_verbalized`, failures are counted with their reason,
+and the distribution is the mean of the valid stated distributions.
+
+Outputs (run folder, resumable like `workbench distributions`, manifest written last):
+`prompts.parquet`, `samples.parquet` (one row per sample), `sampled_distributions.parquet`
+(per prompt and option: count, prob, prob_answer_position and the per-prompt counts).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from workbench import decoding as D
+from workbench import prompts as P
+from workbench.answers import (
+    REFUSAL_PHRASES,
+    Parsed,
+    Verbalized,
+    verbalized_example,
+)
+from workbench.errors import WorkbenchError
+from workbench.models import LoadedModel
+from workbench.runs import PROMPTS, RunFolder
+from workbench.study import Study
+
+SAMPLES = "samples"
+SAMPLED = "sampled_distributions"
+TABLES = (SAMPLES, SAMPLED)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Settings of a sampling run (written to the manifest)."""
+
+    n: int = 100
+    """Completions per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    """HF's rule: keep the most likely tokens whose cumulative probability reaches top_p."""
+    max_new_tokens: int | None = None
+    """Default: 24 for answers, 160 for verbalized JSON."""
+    seed: int = 0
+    batch_rows: int = 2048
+    """Decoding rows per wave (prompts per wave = max(1, batch_rows // n))."""
+    constrain: bool = False
+    """Guided choice: the first token is drawn among the options' single-token label forms
+    only. At temperature 1 its distribution is then exactly the logit distribution."""
+    verbalized: bool | None = None
+    """None: the study's `sampling.verbalized`."""
+    answer_position: bool = True
+    """Record the answer-position (teacher-forced) distribution of every sample."""
+    chunk_prompts: int = 256
+    """Prompts per chunk written to disk (rounded up to whole waves)."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = (
+            (self.n >= 1, "--n must be at least 1", "pass a positive number of samples"),
+            (
+                self.temperature > 0 and math.isfinite(self.temperature),
+                f"--temperature must be > 0, got {self.temperature}",
+                "use a small positive value (e.g. 0.01) for near-greedy decoding",
+            ),
+            (
+                0 < self.top_p <= 1,
+                f"--top-p must be in (0, 1], got {self.top_p}",
+                "use 1 to disable",
+            ),
+            (
+                self.max_new_tokens is None or self.max_new_tokens >= 1,
+                "--max-new-tokens must be at least 1",
+                "pass a positive number",
+            ),
+            (self.batch_rows >= 1, "--batch-rows must be at least 1", "pass a positive number"),
+            (
+                self.chunk_prompts >= 1,
+                "--chunk-prompts must be at least 1",
+                "pass a positive number",
+            ),
+        )
+        for ok, message, fix in checks:
+            if not ok:
+                raise WorkbenchError(message, fix=fix)
+
+
+@dataclass
+class SamplingResult:
+    """The tables of a sampling run (see README "Sampling" for every column)."""
+
+    prompts: pd.DataFrame
+    samples: pd.DataFrame
+    sampled_distributions: pd.DataFrame
+    manifest: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# verbalized prompts
+
+
+def verbalized_study(study: Study) -> Study:
+    """The same study with the verbalized instruction appended to every question's text.
+
+    Prompts are still rendered by `workbench.prompts.render` (the only renderer); the
+    instruction's `{example}` and `{labels}` are filled per question (canonical order).
+    """
+    raw = copy.deepcopy(dict(study.raw))
+    raw_questions = {str(q["id"]): q for q in raw["questions"]}
+    raw["questions"] = [raw_questions[q.id] for q in study.questions]
+    questions = []
+    for q_raw, question in zip(raw["questions"], study.questions, strict=True):
+        order = tuple(range(len(question.all_options)))
+        labels = [question.label_at(p, question.all_options[o]) for p, o in enumerate(order)]
+        instruction = study.sampling.instruction.format(
+            example=verbalized_example(question, order), labels=", ".join(labels)
+        )
+        text = f"{question.text} {instruction.replace('{', '{{').replace('}', '}}')}"
+        q_raw["text"] = text
+        questions.append(dataclasses.replace(question, text=text))
+    # Cells and factors stay as given (a caller may have narrowed them).
+    return dataclasses.replace(study, questions=tuple(questions), raw=raw)
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def _sample_rows(
+    plans: list[D.Plan],
+    rows: list[D.Row],
+    slots: list[dict[str, Any]] | None,
+    n: int,
+    verbalized: bool,
+) -> list[dict[str, Any]]:
+    out = []
+    for r, row in enumerate(rows):
+        plan = plans[r // n]
+        base: dict[str, Any] = {
+            "prompt_id": plan.prompt.prompt_id,
+            "sample": r % n,
+            "text": row.text,
+            "n_new_tokens": len(row.ids),
+            "finish": row.finish,
+        }
+        if verbalized:
+            v = row.result
+            assert isinstance(v, Verbalized)
+            n_sub = len(plan.question.options)
+            option = int(np.argmax(v.prob[:n_sub])) if v.prob is not None else None
+            base.update(
+                option_id=option,
+                status=v.status,
+                how="json" if v.status == "ok" else (v.error or "none"),
+                stated_probs=list(v.prob) if v.prob is not None else None,
+                error=v.error,
+                raw_total=v.raw_total,
+                n_missing=v.n_missing,
+            )
+        else:
+            parsed = row.result
+            assert isinstance(parsed, Parsed)
+            base.update(
+                option_id=parsed.option_id,
+                status=parsed.status,
+                how=parsed.how,
+                kind=parsed.kind,
+                answer_start=parsed.start,
+            )
+            if slots is not None:
+                base.update(slots[r])
+        out.append(base)
+    return out
+
+
+def samples_frame(rows: list[dict[str, Any]], verbalized: bool) -> pd.DataFrame:
+    """`samples.parquet` with stable dtypes (nullable integers for ids that may be null)."""
+    frame = pd.DataFrame(rows)
+    for col in ("option_id", "answer_start", "answer_token", "n_missing"):
+        if col in frame.columns:
+            frame[col] = frame[col].astype("Int64")
+    for col in ("kind", "error"):
+        if col in frame.columns:
+            frame[col] = frame[col].astype("string")
+    return frame
+
+
+def sampled_distributions(
+    study: Study, prompts: list[P.Prompt], samples: pd.DataFrame, verbalized: bool
+) -> pd.DataFrame:
+    """Per prompt and option: count, prob, prob_answer_position and per-prompt counts.
+
+    `prob` = count / (substantive answers), null for refusal options (as `distributions`).
+    `prob_answer_position` = mean over samples with an answer slot of the slot's sampling
+    distribution (over all options), renormalized over the substantive options.
+    Verbalized: `prob` = mean of the valid stated distributions (renormalized over the
+    substantive options); `count` = valid samples whose stated mode is the option.
+    `refusal_share` (and `..._answer_position`): the refusal options' share among answers
+    naming an option (verbalized: the mean stated share), per prompt.
+    """
+    questions = {q.id: q for q in study.questions}
+    by_prompt = dict(tuple(samples.groupby("prompt_id", sort=False)))
+    rows = []
+    for prompt in prompts:
+        grp = by_prompt.get(prompt.prompt_id)
+        if grp is None:
+            continue
+        question = questions[prompt.question_id]
+        n_sub, n_all = len(question.options), len(question.all_options)
+        status = grp["status"].to_numpy()
+        options = grp["option_id"].to_numpy(dtype="float64", na_value=np.nan)
+        counts = np.array([(options == o).sum() for o in range(n_all)], dtype=np.int64)
+        n_ok = int((status == "ok").sum())
+        prob = np.full(n_all, np.nan)
+        rb = np.full(n_all, np.nan)
+        n_slot = 0
+        refusal = refusal_rb = np.nan
+        if verbalized:
+            valid = [
+                np.asarray(p) for p, s in zip(grp["stated_probs"], status, strict=True) if s == "ok"
+            ]
+            if valid:
+                full = np.mean(valid, axis=0)
+                refusal = float(full[n_sub:].sum())
+                if full[:n_sub].sum() > 0:
+                    prob[:n_sub] = full[:n_sub] / full[:n_sub].sum()
+        else:
+            if counts.sum():
+                refusal = float(counts[n_sub:].sum() / counts.sum())
+            if n_ok:
+                prob[:n_sub] = counts[:n_sub] / counts[:n_sub].sum()
+            if "answer_probs" in grp.columns:
+                slots = [np.asarray(p) for p in grp["answer_probs"] if p is not None]
+                slots = [p for p in slots if not np.isnan(p).any()]
+                n_slot = len(slots)
+                if slots:
+                    full = np.mean(slots, axis=0)
+                    refusal_rb = float(full[n_sub:].sum())
+                    if full[:n_sub].sum() > 0:
+                        rb[:n_sub] = full[:n_sub] / full[:n_sub].sum()
+        labels = {
+            o: question.label_at(pos, question.all_options[o]) for pos, o in enumerate(prompt.order)
+        }
+        positions = {o: pos for pos, o in enumerate(prompt.order)}
+        for o in range(n_all):
+            rows.append(
+                {
+                    "prompt_id": prompt.prompt_id,
+                    "option_id": o,
+                    "label": labels[o],
+                    "position": positions[o],
+                    "is_refusal": o >= n_sub,
+                    "count": int(counts[o]),
+                    "prob": float(prob[o]),
+                    "prob_answer_position": float(rb[o]),
+                    "n_samples": len(grp),
+                    "n_ok": n_ok,
+                    "n_refusal": int((status == "refusal").sum()),
+                    "n_unparseable": int((status == "unparseable").sum()),
+                    "n_answer_position": n_slot,
+                    "refusal_share": refusal,
+                    "refusal_share_answer_position": refusal_rb,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def conventions(
+    study: Study, config: SamplingConfig, verbalized: bool, max_new: int
+) -> dict[str, Any]:
+    """Every convention of a sampling run, spelled out for the manifest."""
+    return {
+        "elicitation": "verbalized" if verbalized else "answer",
+        "sampling": "float32 softmax(logits / temperature), HF top-p rule, torch.Generator "
+        "per wave seeded from (seed, first prompt id, wave size)",
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_new_tokens": max_new,
+        "constrained_first_token": config.constrain,
+        "stop": "EOS, max_new_tokens, or the first final parse (answer followed by a character)",
+        "parser": {
+            "custom_pattern": study.sampling.pattern,
+            "refusal_patterns": [*REFUSAL_PHRASES, *study.sampling.refusal_patterns],
+            "order": "custom pattern > answer phrase / answer at start (earliest) > refusal "
+            "phrase > single option mentioned (end of text only)",
+        },
+        "prob": "count / substantive answers; refusal options excluded (null)",
+        "prob_answer_position": "mean over samples of the sampling distribution at the answer "
+        "slot (teacher-forced; same surface kind as the answer; variants summed), "
+        "renormalized over substantive options",
+        "verbalized": {
+            "instruction": study.sampling.instruction,
+            "prob": "mean of valid stated distributions, renormalized over substantive options",
+        }
+        if verbalized
+        else None,
+        "statuses": "ok | refusal (refusal option or refusal phrase) | unparseable; never dropped",
+    }
+
+
+def compute_samples(
+    study: Study,
+    lm: LoadedModel,
+    out_dir: str | Path | None = None,
+    config: SamplingConfig | None = None,
+    *,
+    overwrite: bool = False,
+) -> SamplingResult:
+    """Sample `config.n` completions for every prompt of `study`; write a run folder if asked.
+
+    Re-running with the same `out_dir` resumes: finished prompts are not sampled again.
+    """
+    config = config or SamplingConfig()
+    config.validate()
+    t0 = time.time()
+    verbalized = study.sampling.verbalized if config.verbalized is None else config.verbalized
+    run_study = verbalized_study(study) if verbalized else study
+    max_new = config.max_new_tokens or (160 if verbalized else 24)
+    prompts = P.render(run_study, lm.tokenizer)
+    P.validate_for_tokenizer(run_study, prompts, lm.tokenizer, None)
+    if lm.max_length is not None:
+        too_long = [p for p in prompts if len(p.input_ids) + max_new > lm.max_length]
+        if too_long:
+            raise WorkbenchError(
+                f"prompt {too_long[0].prompt_id} is {len(too_long[0].input_ids)} tokens; with "
+                f"{max_new} new tokens it exceeds the model's context ({lm.max_length})",
+                fix="lower --max-new-tokens or shorten the prompt template",
+            )
+    plans = D.plan_prompts(run_study, prompts, lm.tokenizer, config.constrain)
+    prompts_df = P.prompts_frame(run_study, prompts)
+    eos = D.eos_ids(lm)
+    per_wave = max(1, config.batch_rows // config.n)
+    waves = [plans[i : i + per_wave] for i in range(0, len(plans), per_wave)]
+    waves_per_chunk = max(1, math.ceil(config.chunk_prompts / per_wave))
+    chunks = [waves[i : i + waves_per_chunk] for i in range(0, len(waves), waves_per_chunk)]
+
+    run: RunFolder | None = None
+    done: set[int] = set()
+    if out_dir is not None:
+        identity = {
+            "kind": "sampling",
+            "study": study.name,
+            "prompts_fingerprint": P.prompts_fingerprint(prompts),
+            "sampling_spec": asdict(study.sampling),
+            "config": {
+                k: v for k, v in asdict(config).items() if k not in ("progress", "chunk_prompts")
+            },
+            "max_new_tokens": max_new,
+            "verbalized": verbalized,
+            "model": lm.name,
+            "dtype": str(lm.dtype),
+        }
+        run = RunFolder(out_dir, identity, overwrite=overwrite)
+        if not (run.path / PROMPTS).exists():
+            run.write_table("prompts", prompts_df)
+        done = run.done_keys(SAMPLES, "prompt_id") if run.chunk_dirs() else set()
+
+    bar = tqdm(total=len(plans), desc="sampling", unit="prompt", disable=not config.progress)
+    collected: list[pd.DataFrame] = []
+    t_sample = time.time()
+    for chunk in chunks:
+        chunk_plans = [p for wave in chunk for p in wave]
+        if all(p.prompt.prompt_id in done for p in chunk_plans):
+            bar.update(len(chunk_plans))
+            continue
+        rows: list[dict[str, Any]] = []
+        for wave in chunk:
+            finished, records = D.run_wave(lm, wave, config, max_new, verbalized, eos)
+            slots = (
+                D.answer_positions(lm, wave, finished, records, config)
+                if config.answer_position and not verbalized
+                else None
+            )
+            rows += _sample_rows(wave, finished, slots, config.n, verbalized)
+            bar.update(len(wave))
+        frame = samples_frame(rows, verbalized)
+        if run is not None:
+            chunk_prompts = [p.prompt for p in chunk_plans]
+            dist = sampled_distributions(run_study, chunk_prompts, frame, verbalized)
+            run.write_chunk({SAMPLES: frame, SAMPLED: dist})
+        else:
+            collected += [frame]
+    bar.close()
+    t_sample = time.time() - t_sample
+
+    if run is not None:
+        samples = run.read_chunks(SAMPLES)
+    else:
+        samples = pd.concat(collected, ignore_index=True) if collected else pd.DataFrame()
+    samples = samples.sort_values(["prompt_id", "sample"], kind="stable").reset_index(drop=True)
+    dist = sampled_distributions(run_study, prompts, samples, verbalized)
+    status_counts = samples["status"].value_counts().to_dict() if len(samples) else {}
+    manifest = {
+        "kind": "sampling",
+        "elicitation": "verbalized" if verbalized else "answer",
+        "study": {"name": study.name, "path": study.path, "definition": dict(run_study.raw)},
+        "conventions": conventions(study, config, verbalized, max_new),
+        "config": asdict(config),
+        "model": lm.describe(),
+        "seed": config.seed,
+        "counts": {
+            "prompts": len(prompts),
+            "samples": len(samples),
+            "resumed_prompts": len(done),
+            **{f"status_{k}": int(v) for k, v in status_counts.items()},
+        },
+        "timings_s": {
+            "sample": round(t_sample, 3),
+            "total": round(time.time() - t0, 3),
+        },
+    }
+    result = SamplingResult(prompts_df, samples, dist, manifest)
+    if run is not None:
+        run.write_table(SAMPLES, samples)
+        run.write_table(SAMPLED, dist)
+        run.finish(manifest)
+        result.out_dir = run.path
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# how many samples each estimator needs
+
+
+def estimator_accuracy(
+    samples: pd.DataFrame,
+    reference: dict[int, np.ndarray],
+    ns: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
+    *,
+    n_rep: int = 20,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Mean TV to `reference` of the counting and the answer-position estimators from n samples.
+
+    `reference[prompt_id]`: the distribution both estimate ([substantive option]). For each
+    n, `n_rep` random subsets of n samples per prompt (without replacement) give both
+    estimates; a prompt whose subset has no substantive answer is left out of that n.
+    Returns columns n, estimator (count | answer_position), mean_tv, n_prompts.
+    """
+    from workbench.metrics import total_variation
+
+    rng = np.random.default_rng(seed)
+    out = []
+    groups = dict(tuple(samples.groupby("prompt_id", sort=True)))
+    for n in ns:
+        tv_count: list[float] = []
+        tv_rb: list[float] = []
+        for pid, ref in reference.items():
+            grp = groups.get(pid)
+            if grp is None or len(grp) < n:
+                continue
+            k = len(ref)
+            options = grp["option_id"].to_numpy(dtype="float64", na_value=np.nan)
+            slots = np.array(
+                [
+                    np.asarray(p)[:k] if p is not None else np.full(k, np.nan)
+                    for p in grp["answer_probs"]
+                ]
+            )
+            for _ in range(n_rep):
+                pick = rng.choice(len(grp), size=n, replace=False)
+                opts = options[pick]
+                opts = opts[~np.isnan(opts) & (opts < k)].astype(int)
+                if opts.size:
+                    tv_count.append(
+                        float(total_variation(np.bincount(opts, minlength=k) / opts.size, ref))
+                    )
+                rows = slots[pick]
+                rows = rows[~np.isnan(rows).any(1)]
+                if len(rows):
+                    mean = rows.mean(0)
+                    tv_rb.append(float(total_variation(mean / mean.sum(), ref)))
+        for name, values in (("count", tv_count), ("answer_position", tv_rb)):
+            out.append(
+                {
+                    "n": n,
+                    "estimator": name,
+                    "mean_tv": float(np.mean(values)) if values else float("nan"),
+                    "n_draws": len(values),
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def samples_needed(curve: pd.DataFrame, target_tv: float) -> pd.DataFrame:
+    """Per estimator, the samples per prompt needed for a mean TV of at most `target_tv`.
+
+    Interpolated on log n between the measured points; beyond the largest n measured it is
+    extrapolated with the 1/sqrt(n) law of sampling noise (`how` says which).
+    """
+    rows = []
+    for name, grp in curve.groupby("estimator"):
+        grp = grp.dropna(subset=["mean_tv"]).sort_values("n")
+        if grp.empty:
+            continue
+        ns, tvs = grp["n"].to_numpy(float), grp["mean_tv"].to_numpy(float)
+        hit = np.nonzero(tvs <= target_tv)[0]
+        if hit.size and hit[0] == 0:
+            value, how = ns[0], "measured"
+        elif hit.size:
+            i = int(hit[0])
+            f = (tvs[i - 1] - target_tv) / (tvs[i - 1] - tvs[i])
+            value = float(np.exp(np.log(ns[i - 1]) + f * (np.log(ns[i]) - np.log(ns[i - 1]))))
+            how = "interpolated"
+        else:
+            value, how = float(ns[-1] * (tvs[-1] / target_tv) ** 2), "extrapolated (1/sqrt(n))"
+        rows.append({"estimator": str(name), "target_tv": target_tv, "n_needed": value, "how": how})
+    return pd.DataFrame(rows)
+
+
+def load_sampling_run(
+    path: str | Path,
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(manifest, prompts, samples, sampled_distributions) of a finished sampling run."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise WorkbenchError(
+            f"{path}: no manifest.json (the run did not finish, or this is not a run folder)",
+            fix="re-run the same `workbench sample` command to finish it",
+        )
+    manifest = json.loads(manifest_path.read_text())
+    return (
+        manifest,
+        pd.read_parquet(path / PROMPTS),
+        pd.read_parquet(path / f"{SAMPLES}.parquet"),
+        pd.read_parquet(path / f"{SAMPLED}.parquet"),
+    )
