@@ -9,23 +9,32 @@ Data flows one way: study file -> prompts -> model -> answer distributions -> ru
     result.distributions  # pandas DataFrame, one row per prompt x option
 """
 
+from workbench.activations import ActivationConfig, ActivationStore, capture_activations
 from workbench.distributions import DistributionConfig, DistributionResult, compute_distributions
 from workbench.errors import ModelLoadError, StudyError, WorkbenchError
 from workbench.models import LoadedModel, load_bridge, load_model
+from workbench.probing import ProbeConfig, ProbeSpec, load_probe_study, run_probes
 from workbench.study import Study, load_study
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationConfig",
+    "ActivationStore",
     "DistributionConfig",
     "DistributionResult",
     "LoadedModel",
     "ModelLoadError",
+    "ProbeConfig",
+    "ProbeSpec",
     "Study",
     "StudyError",
     "WorkbenchError",
+    "capture_activations",
     "compute_distributions",
     "load_bridge",
     "load_model",
+    "load_probe_study",
     "load_study",
+    "run_probes",
 ]

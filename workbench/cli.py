@@ -1,7 +1,11 @@
 """`workbench` command line. Every user error prints one message with its fix, no traceback.
 
 workbench distributions STUDY.yaml --model MODEL --out DIR
+workbench sample STUDY.yaml --model MODEL --n N --temperature T --seed S --out DIR
+workbench compare RUN_DIR [RUN_DIR ...] [--human FILE] --out DIR
 workbench validate STUDY.yaml
+workbench activations STUDY.yaml --model MODEL --sites SITES --positions POSITIONS --out DIR
+workbench probe ACTIVATIONS_DIR (--study PROBES.yaml | --target T ...) [--distributions DIR]
 workbench organism build [--out DIR] [--seed S] [--scale small|default]
 workbench demo [--out DIR]
 """
@@ -66,6 +70,142 @@ def _cmd_distributions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from workbench.models import load_model
+    from workbench.sampling import SamplingConfig, compute_samples
+    from workbench.study import load_study
+
+    config = SamplingConfig(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_rows=args.batch_rows,
+        constrain=args.constrain,
+        verbalized=True if args.verbalized else None,
+        answer_position=not args.no_answer_position,
+        chunk_prompts=args.chunk_prompts,
+        progress=not args.quiet,
+    )
+    config.validate()
+    study = load_study(args.study)
+    lm = load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    result = compute_samples(study, lm, args.out, config, overwrite=args.overwrite)
+    counts = result.samples["status"].value_counts().to_dict()
+    print(
+        f"wrote {len(result.samples)} samples of {len(result.prompts)} prompts to {args.out} "
+        f"({', '.join(f'{k} {v}' for k, v in counts.items())}; manifest.json written last)"
+    )
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from workbench.compare import CompareConfig, compare
+    from workbench.study import load_study
+
+    if args.resamples < 1:
+        raise WorkbenchError("--resamples must be at least 1", fix="pass a positive number")
+    if args.names is not None and len(args.names) != len(args.runs):
+        raise WorkbenchError(
+            f"{len(args.names)} --names for {len(args.runs)} run folders",
+            fix="give one name per RUN_DIR, in the same order",
+        )
+    config = CompareConfig(
+        n_resamples=args.resamples,
+        seed=args.seed,
+        human_prob_column=args.human_prob_column,
+        human_label=args.human_label,
+    )
+    study = load_study(args.study) if args.study else None
+    result = compare(args.runs, args.human, args.out, config, names=args.names, study=study)
+    print(
+        f"compared {len(result.sources)} sources"
+        + (" with human data" if args.human else "")
+        + f": tables, figures and report.html in {args.out}"
+    )
+    return 0
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _cmd_activations(args: argparse.Namespace) -> int:
+    from workbench.activations import ActivationConfig, capture_activations
+    from workbench.models import load_model
+    from workbench.study import load_study
+
+    study = load_study(args.study)
+    config = ActivationConfig(
+        sites=_split(args.sites) or (),
+        positions=_split(args.positions) or (),
+        factors=_split(args.factors),
+        questions=_split(args.questions),
+        store_dtype=args.store_dtype,
+        batch_size=args.batch_size,
+        chunk_prompts=args.chunk_prompts,
+        backend=args.backend,
+        progress=not args.quiet,
+    )
+    lm = load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    store = capture_activations(study, lm, args.out, config, overwrite=args.overwrite)
+    print(f"wrote {len(store.index):,} vectors to {args.out} (manifest.json written last)")
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from workbench.activations import ActivationStore
+    from workbench.probing import ProbeConfig, ProbeSpec, load_probe_study, run_probes
+
+    if (args.study is None) == (not args.target):
+        raise WorkbenchError(
+            "give a probe study (--study FILE) or one or more --target, not both",
+            fix="e.g. --study probes/organism.yaml, or --target actor --positions answer",
+        )
+    if args.study is not None:
+        config = load_probe_study(args.study)
+    else:
+        positions = _split(args.positions) or ("answer",)
+        config = ProbeConfig(probes=tuple(ProbeSpec(t, positions) for t in args.target))
+    overrides = {
+        "sites": _split(args.sites),
+        "questions": _split(args.questions),
+        "group_by": args.group_by,
+        "n_folds": args.folds,
+        "opinion": args.opinion,
+    }
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    store = ActivationStore.open(args.activations)
+    out = args.out or str(Path(args.activations) / "probes")
+    result = run_probes(
+        store, config, out, distributions=args.distributions, overwrite=args.overwrite
+    )
+    real = result.probes[result.probes["control"] == "none"]
+    best = real.sort_values("mean", ascending=False).drop_duplicates(["target", "position_label"])
+    cols = ["target", "position_label", "site", "metric", "mean", "chance", "selectivity"]
+    print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote probes.parquet, directions and plots to {out} (manifest.json written last)")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from workbench.study import load_study
 
@@ -112,6 +252,113 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_distributions)
+
+    p = sub.add_parser("sample", help="N sampled (or verbalized) answers per prompt, parsed")
+    p.add_argument("study", help="study YAML file")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="run folder (re-running resumes it)")
+    p.add_argument("--n", type=int, default=100, help="completions per prompt")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default 24 (answers), 160 (verbalized)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--constrain",
+        action="store_true",
+        help="draw the first token among the option labels only (guided choice)",
+    )
+    p.add_argument(
+        "--verbalized",
+        action="store_true",
+        help="ask for a JSON object of percentages (also: `sampling.verbalized: true`)",
+    )
+    p.add_argument(
+        "--no-answer-position",
+        action="store_true",
+        help="skip the answer-position (teacher-forced) distributions",
+    )
+    p.add_argument("--batch-rows", type=int, default=2048, help="decoding rows per wave")
+    p.add_argument(
+        "--chunk-prompts", type=int, default=256, help="prompts per chunk written to disk"
+    )
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("compare", help="compare run folders with each other and human data")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    p.add_argument("--human", default=None, help="human data (CSV, parquet, JSONL; see README)")
+    p.add_argument("--out", required=True, help="output folder (tables, figures, report)")
+    p.add_argument(
+        "--names", nargs="+", default=None, help="a name per RUN_DIR (default: folder names)"
+    )
+    p.add_argument("--study", default=None, help="study file (default: the first run's manifest)")
+    p.add_argument(
+        "--human-prob-column", default="prob", help="proportions file: the probability column"
+    )
+    p.add_argument("--human-label", default="human", help="name of the human source in tables")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("activations", help="store activations at sites x positions for a study")
+    p.add_argument("study", help="study YAML file")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="run folder (re-running resumes it)")
+    p.add_argument(
+        "--sites",
+        default="blocks.*.hook_resid_post",
+        help="comma-separated TransformerLens site names or globs: hook_embed, "
+        "blocks.*.hook_resid_post, blocks.3.hook_attn_out, blocks.*.hook_mlp_out ...",
+    )
+    p.add_argument(
+        "--positions",
+        default="answer,span_mean,span_last",
+        help="comma-separated: answer (last prompt token), span_mean, span_last (factor spans)",
+    )
+    p.add_argument("--factors", default=None, help="factors whose spans are kept (default: all)")
+    p.add_argument("--questions", default=None, help="question ids to capture (default: all)")
+    p.add_argument("--store-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument(
+        "--backend",
+        choices=("hf", "bridge"),
+        default="hf",
+        help="hf: forward hooks on HF modules; bridge: TransformerLens hook points",
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--chunk-prompts", type=int, default=256, help="prompts per shard")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_activations)
+
+    p = sub.add_parser("probe", help="linear probes with grouped CV and controls")
+    p.add_argument("activations", help="activations run folder")
+    p.add_argument("--study", default=None, help="probe study YAML (see probes/organism.yaml)")
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        help="a factor, or expected_score / modal_option_id ... (needs --distributions); "
+        "repeatable",
+    )
+    p.add_argument(
+        "--positions",
+        default=None,
+        help="for --target: comma-separated answer, span_mean:FACTOR, span_last:FACTOR",
+    )
+    p.add_argument("--sites", default=None, help="stored sites or globs (comma-separated)")
+    p.add_argument("--questions", default=None, help="question ids (comma-separated)")
+    p.add_argument("--group-by", default=None, help="held-out groups: title, persona_id ...")
+    p.add_argument("--folds", type=int, default=None)
+    p.add_argument("--opinion", default=None, help="target related to every factor")
+    p.add_argument(
+        "--distributions", default=None, help="distributions run of the same study and model"
+    )
+    p.add_argument("--out", default=None, help="probe run folder (default: ACTIVATIONS/probes)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing probe folder")
+    p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("validate", help="check a study file without a model")
     p.add_argument("study")

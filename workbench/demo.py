@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from workbench.compare import demo_blocks
 from workbench.distributions import DistributionConfig, DistributionResult, compute_distributions
 from workbench.models import load_model
 from workbench.organism import TRUTH_FILE, attach_truth, build_organism, organism_quality
+from workbench.probing import demo_blocks as probe_blocks
 from workbench.report import Block, Figure_, Heading, Table, Text, write_report
 from workbench.study import Study, load_study, parse_study
 
@@ -98,6 +100,10 @@ def run_demo(
             f"is {quality.first_token_mass:.3f}."
         ),
         _mass_figure(main),
+        Heading("5. Sampled and verbalized answers, and human-survey metrics"),
+        *demo_blocks(folder, out / "sampling", lm),
+        Heading("6. Probes: decodable vs drives the answer"),
+        *probe_blocks(folder, out / "probing", lm, main),
         Heading("Run folders"),
         Text(
             f"`{out / 'distributions'}` and `{out / 'orders'}`: prompts, distributions, variants, prompt_stats, adjusted, position_bias (parquet) and manifest.json."

@@ -37,6 +37,14 @@ MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 CHUNKS = "chunks"
 FULL_VOCAB = "full_vocab.safetensors"
+ACTIVATION_INDEX = "index"
+"""Activations runs: the table with one row per stored vector (`index.parquet`)."""
+ACTIVATION_SHARD = "activations.safetensors"
+"""Activations runs: each chunk's vectors; the chunks are kept as the run's shards."""
+PROBES = "probes"
+"""Probe runs: `probes.parquet`, one row per site x position x target x control."""
+DIRECTIONS = "directions.safetensors"
+"""Probe runs: probe weights fitted on all rows, in raw activation coordinates."""
 TRACKED_PACKAGES = (
     "workbench",
     "torch",
@@ -140,9 +148,14 @@ class RunFolder:
         return done
 
     def write_chunk(
-        self, tables: Mapping[str, pd.DataFrame], extra: Mapping[str, Any] | None = None
+        self,
+        tables: Mapping[str, pd.DataFrame],
+        extra: Mapping[str, Any] | None = None,
+        *,
+        tensor_file: str = FULL_VOCAB,
     ) -> Path:
-        """Write one chunk's tables (and optional safetensors) and rename it into place."""
+        """Write one chunk's tables (and optional safetensors, saved as `tensor_file`) and
+        rename it into place."""
         n = len(self.chunk_dirs())
         final = self.path / CHUNKS / f"{n:05d}"
         while final.exists():
@@ -157,7 +170,7 @@ class RunFolder:
         if extra:
             from safetensors.torch import save_file
 
-            save_file(dict(extra), str(tmp / FULL_VOCAB))
+            save_file(dict(extra), str(tmp / tensor_file))
         os.replace(tmp, final)
         return final
 

@@ -123,6 +123,29 @@ class Scoring:
     save_full_vocab: bool = False
 
 
+DEFAULT_VERBALIZED_INSTRUCTION = (
+    "Do not answer for yourself: estimate what percentage of people like you would choose "
+    "each option. Reply with only a JSON object that maps each option label to a percentage, "
+    "the percentages adding up to 100, for example {example}."
+)
+VERBALIZED_FIELDS = ("example", "labels")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How `workbench sample` elicits and parses generated answers (see `workbench.sampling`)."""
+
+    pattern: str | None = None
+    """Regular expression tried before the built-in parser; its group `answer` (else its first
+    group, else the whole match) must hold a label, an option text or an ordinal value."""
+    refusal_patterns: tuple[str, ...] = ()
+    """Extra regular expressions (case-insensitive) that mark a text answer as a refusal."""
+    verbalized: bool = False
+    """Ask for a JSON object of percentages per option instead of one answer (Meister et al.)."""
+    instruction: str = DEFAULT_VERBALIZED_INSTRUCTION
+    """`verbalized`: text appended to every question; `{example}` and `{labels}` are filled."""
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -137,6 +160,7 @@ class Study:
     cells: tuple[Cell, ...] = field(repr=False)
     raw: Mapping[str, Any] = field(repr=False)
     """The parsed YAML, recorded in manifests."""
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
 
     def factor(self, name: str) -> Factor:
         return next(f for f in self.factors if f.name == name)
@@ -257,6 +281,7 @@ TOP_LEVEL = (
     "questions",
     "orders",
     "scoring",
+    "sampling",
 )
 
 
@@ -296,6 +321,7 @@ def parse_study(raw: Any, file: str = "<study>", base_dir: Path | None = None) -
     design = _parse_design(ctx, top.get("design", {"kind": "factorial"}), factors)
     orders = _parse_orders(ctx, top.get("orders", {"kind": "canonical"}))
     cells = _expand_design(ctx, design, factors, base_dir)
+    sampling = _parse_sampling(ctx, top.get("sampling", {}))
     return Study(
         name=name,
         path=file,
@@ -308,6 +334,7 @@ def parse_study(raw: Any, file: str = "<study>", base_dir: Path | None = None) -
         scoring=scoring,
         cells=cells,
         raw=top,
+        sampling=sampling,
     )
 
 
@@ -383,6 +410,40 @@ def _parse_scoring(ctx: _Ctx, value: Any) -> Scoring:
     if not isinstance(full, bool):
         raise ctx.fail("scoring.save_full_vocab", "expected true or false", "write true or false")
     return Scoring(method, target, tuple(variants), aggregate, top_k, full)
+
+
+def _parse_sampling(ctx: _Ctx, value: Any) -> SamplingSpec:
+    import re
+
+    spec = ctx.mapping(
+        value, "sampling", ("pattern", "refusal_patterns", "verbalized", "instruction")
+    )
+    pattern = None
+    patterns = []
+    if spec.get("pattern") is not None:
+        pattern = ctx.string(spec["pattern"], "sampling.pattern")
+        patterns.append(("sampling.pattern", pattern))
+    refusals = ctx.string_list(
+        spec.get("refusal_patterns", []), "sampling.refusal_patterns", nonempty=False
+    )
+    patterns += [(f"sampling.refusal_patterns[{i}]", p) for i, p in enumerate(refusals)]
+    for fieldpath, regex in patterns:
+        try:
+            re.compile(regex)
+        except re.error as err:
+            raise ctx.fail(
+                fieldpath,
+                f"not a valid regular expression ({err})",
+                "fix the pattern (Python `re` syntax; in YAML, quote it and double backslashes)",
+            ) from None
+    verbalized = spec.get("verbalized", False)
+    if not isinstance(verbalized, bool):
+        raise ctx.fail("sampling.verbalized", "expected true or false", "write true or false")
+    instruction = DEFAULT_VERBALIZED_INSTRUCTION
+    if "instruction" in spec:
+        instruction = ctx.string(spec["instruction"], "sampling.instruction")
+        ctx.placeholders(instruction, "sampling.instruction", VERBALIZED_FIELDS)
+    return SamplingSpec(pattern, tuple(refusals), verbalized, instruction)
 
 
 def _parse_questions(ctx: _Ctx, value: Any, factors: tuple[Factor, ...]) -> tuple[Question, ...]:
