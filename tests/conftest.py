@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from workbench.tiny import build_tiny_model
+
+# Tiny models: one thread is fastest and immune to other load on shared CI machines
+# (several threads on a busy 2-core machine slowed their matrix products tenfold).
+torch.set_num_threads(1)
 
 _EXAMPLE_STUDY: dict[str, Any] = {
     "name": "example",

@@ -44,8 +44,12 @@ def run_demo(
 ) -> Path:
     """Build or reuse the organism, run the pipeline on it, write report.html and report.md."""
     import matplotlib
+    import torch
 
     matplotlib.use("Agg")
+    # The organism is tiny: one thread is fastest, and several threads on a busy machine
+    # can slow its matrix products tenfold (measured).
+    torch.set_num_threads(1)
     out = Path(out)
     folder = build_organism(seed=seed, scale=scale, progress=progress)  # type: ignore[arg-type]
     study = load_study(folder / "study.yaml")
