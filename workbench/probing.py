@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 import yaml
 
-from workbench.activations import ActivationStore
+from workbench.activations import ActivationStore, Site
 from workbench.errors import StudyError, WorkbenchError
 from workbench.opinion import (
     SUMMARY_COLUMNS,
@@ -280,7 +280,7 @@ def run_probes(
         prompts = prompts[prompts["question_id"].isin(config.questions)]
     factor_names = [c for c in _factor_columns(store)]
     kinds = _site_kinds(store, config.sites)
-    groups: dict[tuple[str, str, str | None], list[ProbeSpec]] = {}
+    groups: dict[tuple[str, str | None], list[ProbeSpec]] = {}
     for spec in config.probes:
         if spec.target not in factor_names and spec.target not in STAT_TARGETS:
             raise WorkbenchError(
@@ -293,9 +293,7 @@ def run_probes(
                 fix="pass --distributions DIR (a finished distributions run of the same study)",
             )
         for pos in spec.positions:
-            position, factor = _split_position(pos)
-            for kind in kinds:
-                groups.setdefault((kind, position, factor), []).append(spec)
+            groups.setdefault(_split_position(pos), []).append(spec)
 
     rows: list[dict[str, Any]] = []
     directions: dict[str, torch.Tensor] = {}
@@ -303,10 +301,8 @@ def run_probes(
     """(site, target) -> out-of-fold predictions [n] at the answer position."""
     opinion_frames: dict[str, pd.DataFrame] = {}
     """site kind -> the answer-position rows the opinion probe was fitted on."""
-    for (kind, position, factor), specs in groups.items():
-        X, sites, frame = store.stack(kind, position, factor)
-        keep = frame["prompt_id"].isin(prompts["prompt_id"]).to_numpy()
-        X, frame = X[:, torch.tensor(keep)], frame[keep].reset_index(drop=True)
+    for (position, factor), specs in groups.items():
+        X, sites, frame = _stack_kinds(store, kinds, position, factor, prompts["prompt_id"])
         if stats is not None:
             frame = frame.merge(stats, on="prompt_id", how="left")
         tasks = [t for spec in specs for t in _tasks(spec, frame, factor_names, config)]
@@ -330,7 +326,7 @@ def run_probes(
                     rows.append(
                         {
                             "site": site.name,
-                            "site_kind": kind,
+                            "site_kind": site.kind,
                             "layer": site.layer,
                             "position": position,
                             "factor": factor,
@@ -360,7 +356,7 @@ def run_probes(
                     and position == "answer"
                     and task.target == config.opinion
                 ):
-                    opinion_frames[kind] = frame
+                    opinion_frames.update(dict.fromkeys(kinds, frame))
     probes = _with_selectivity(pd.DataFrame(rows))
     behaviour = (
         behavioural_effects(prompts, dist, stats, factor_names)
@@ -397,6 +393,30 @@ def run_probes(
     if out_dir is not None:
         result.out_dir = _write(result, out_dir, store, config, overwrite)
     return result
+
+
+def _stack_kinds(
+    store: ActivationStore,
+    kinds: Sequence[str],
+    position: str,
+    factor: str | None,
+    prompt_ids: pd.Series,
+) -> tuple[torch.Tensor, list[Site], pd.DataFrame]:
+    """Every layer of every site kind at one position, on the prompts they all have:
+    X [site, prompt, d_model]. Sites are independent problems over the same rows, so one
+    `cross_validate` call fits them all (hook_embed and the residual stream together)."""
+    stacks = [store.stack(kind, position, factor) for kind in kinds]
+    common = set(prompt_ids)
+    for _, _, frame in stacks:
+        common &= set(frame["prompt_id"])
+    ids = sorted(common)
+    xs, sites = [], []
+    for X, kind_sites, frame in stacks:
+        pos = frame.reset_index(drop=True).reset_index().set_index("prompt_id").loc[ids, "index"]
+        xs.append(X[:, torch.tensor(pos.to_numpy())])
+        sites += kind_sites
+    frame = stacks[0][2].set_index("prompt_id").loc[ids].reset_index()
+    return torch.cat(xs), sites, frame
 
 
 def _factor_columns(store: ActivationStore) -> list[str]:

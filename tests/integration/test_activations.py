@@ -4,7 +4,6 @@ bridge: stored vectors, factor spans, resume after a crash, and keeping only wha
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,6 @@ STUDY: dict[str, Any] = {
     ],
 }
 SITES = ("hook_embed", "blocks.*.hook_resid_pre", "blocks.*.hook_resid_post")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

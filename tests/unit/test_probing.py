@@ -8,7 +8,6 @@ controls must have the structure Hewitt & Liang define.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +32,6 @@ from workbench.probe_fit import (
 from workbench.probing import ORGANISM_PROBES, control_types, load_probe_study
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny problems on a shared 2-core machine: thread hand-offs cost more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _data(seed: int, n_classes: int, L: int = 3, n: int = 360, d: int = 24):
