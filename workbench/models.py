@@ -162,6 +162,8 @@ def load_bridge(lm: LoadedModel) -> Any:
     """A TransformerLens 4 `TransformerBridge` over the already-loaded HF model (no copy).
 
     Its hook names (`blocks.{l}.hook_resid_post`, ...) are the workbench's site names.
+    Booting the bridge rewires `lm.model` in place (its blocks are wrapped): HF forward hooks
+    registered on the old modules before this call no longer fire; register them after.
     Compatibility mode is deliberately *not* enabled: it folds LayerNorm and centers the
     unembedding, which changes the logits (REFERENCE.md §5).
     """
