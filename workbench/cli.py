@@ -16,8 +16,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.models import LoadedModel
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -39,9 +43,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_model(args: argparse.Namespace) -> LoadedModel:
+    """The model named by the options `_add_model_args` defines."""
+    from workbench.models import load_model
+
+    return load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
 def _cmd_distributions(args: argparse.Namespace) -> int:
     from workbench.distributions import DistributionConfig, compute_distributions
-    from workbench.models import load_model
     from workbench.study import load_study
 
     for flag in ("batch_size", "chunk_prompts"):
@@ -50,14 +67,7 @@ def _cmd_distributions(args: argparse.Namespace) -> int:
                 f"--{flag.replace('_', '-')} must be at least 1", fix="pass a positive number"
             )
     study = load_study(args.study)
-    lm = load_model(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        device_map=args.device_map,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-    )
+    lm = _load_model(args)
     config = DistributionConfig(
         batch_size=args.batch_size,
         share_prefix=not args.no_share_prefix,
@@ -71,7 +81,6 @@ def _cmd_distributions(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from workbench.models import load_model
     from workbench.sampling import SamplingConfig, compute_samples
     from workbench.study import load_study
 
@@ -90,14 +99,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     config.validate()
     study = load_study(args.study)
-    lm = load_model(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        device_map=args.device_map,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-    )
+    lm = _load_model(args)
     result = compute_samples(study, lm, args.out, config, overwrite=args.overwrite)
     counts = result.samples["status"].value_counts().to_dict()
     print(
@@ -140,7 +142,6 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 def _cmd_activations(args: argparse.Namespace) -> int:
     from workbench.activations import ActivationConfig, capture_activations
-    from workbench.models import load_model
     from workbench.study import load_study
 
     study = load_study(args.study)
@@ -155,14 +156,7 @@ def _cmd_activations(args: argparse.Namespace) -> int:
         backend=args.backend,
         progress=not args.quiet,
     )
-    lm = load_model(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        device_map=args.device_map,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-    )
+    lm = _load_model(args)
     store = capture_activations(study, lm, args.out, config, overwrite=args.overwrite)
     print(f"wrote {len(store.index):,} vectors to {args.out} (manifest.json written last)")
     return 0
