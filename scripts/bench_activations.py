@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from workbench import activations as A
-    from workbench import prompts as P
-    from workbench.models import load_bridge, load_model
-    from workbench.organism import build_organism
-    from workbench.organism_world import render_texts
+    from workbench.engine.models import load_bridge, load_model
+    from workbench.interp import activations as A
+    from workbench.organism.build import build_organism
+    from workbench.organism.world import render_texts
     from workbench.runs import git_hash, versions
-    from workbench.study import load_study
+    from workbench.study import prompts as P
+    from workbench.study.load import load_study
     from workbench.tiny import build_tiny_model
 
     load_before = os.getloadavg()[0]
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from workbench.distributions import DistributionConfig, compute_distributions
-    from workbench.probe_fit import CVTask, cross_validate, grouped_folds
+    from workbench.interp.fit import CVTask, cross_validate, grouped_folds
+    from workbench.measure.distributions import DistributionConfig, compute_distributions
 
     answer = torch.cat([torch.stack([o[n][:, 0] for n in names]) for o in ours], dim=1)
     order = [i for idx, _, _ in A.batches(prompts, args.batch_size, 0) for i in idx]
@@ -250,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         "Plain HF forward: `model(input_ids, attention_mask)` on the same right-padded batches, logits "
         "over the vocabulary included; body forward: `model.base_model(...)`, what the capture "
         "runs (it needs no logits and stops after the deepest site). Capture: "
-        "`workbench.activations.Capturer.run` (forward hooks reduce each [batch, pos, d_model] "
+        "`workbench.interp.sites.Capturer.run` (forward hooks reduce each [batch, pos, d_model] "
         "output to the kept positions at once). TransformerLens: `run_with_cache` on a bridge "
         "over a second copy of the model (bridge forces eager attention), then the same "
-        "positions gathered from its cache. Probes: `workbench.probe_fit.cross_validate` (one "
+        "positions gathered from its cache. Probes: `workbench.interp.fit.cross_validate` (one "
         "batched L-BFGS / one multi-output ridge solve per kind) vs a scikit-learn loop "
         "(StandardScaler + LogisticRegression(C=1, lbfgs, tol 1e-6) / Ridge(alpha=1)), same folds.",
         "",

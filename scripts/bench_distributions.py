@@ -91,11 +91,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench import prompts as P
-from workbench.distributions import DistributionConfig, build_requests, compute_distributions
-from workbench.models import LoadedModel, load_model
-from workbench.scoring import EngineConfig, Request, naive_score
-from workbench.study import Study, parse_study
+from workbench.engine.models import LoadedModel, load_model
+from workbench.engine.scoring import EngineConfig, Request, naive_score
+from workbench.measure.distributions import (
+    DistributionConfig,
+    build_requests,
+    compute_distributions,
+)
+from workbench.study import prompts as P
+from workbench.study.load import parse_study
+from workbench.study.spec import Study
 from workbench.tiny import build_tiny_model, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,7 +422,7 @@ def sub_study(study_raw: dict[str, Any], n_personas: int) -> Study:
 
 def run_naive(lm: LoadedModel, w: Workload) -> np.ndarray:
     """One plain HF forward of context+continuation per (prompt, option), float32 log_softmax
-    (`workbench.scoring.naive_score`: full logits, no batching, no cache)."""
+    (`workbench.engine.scoring.naive_score`: full logits, no batching, no cache)."""
     model = lm.model
     scored = {
         s.key: s
@@ -481,7 +486,7 @@ def run_workbench(
         res = compute_distributions(w.study, lm, None, config)
     else:
         engine = functools.partial(EngineConfig, pack_options=False)
-        with mock.patch("workbench.distributions.EngineConfig", engine):
+        with mock.patch("workbench.measure.distributions.EngineConfig", engine):
             res = compute_distributions(w.study, lm, None, config)
     keyed = res.variants.set_index(["prompt_id", "option_id", "variant"])["logprob"]
     ids = res.variants.set_index(["prompt_id", "option_id", "variant"])["token_ids"]

@@ -1,7 +1,7 @@
 """Benchmark the model organism: build time, truth recovery, zero-effect factors, determinism.
 
 Builds each organism from scratch (never from the cache) into a temporary folder, extracts
-its logit distributions with the real pipeline (`workbench.distributions.compute_distributions`,
+its logit distributions with the real pipeline (`workbench.measure.distributions.compute_distributions`,
 float32, full-vocabulary softmax) and scores them against `truth.parquet`. One column per
 scale (and seed).
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from workbench.distributions import DistributionConfig, compute_distributions
-from workbench.models import load_model
-from workbench.organism import (
+from workbench.engine.models import load_model
+from workbench.measure.distributions import DistributionConfig, compute_distributions
+from workbench.organism.build import (
     MODEL_DIR,
     SPEC_FILE,
     STUDY_FILE,
@@ -41,7 +41,7 @@ from workbench.organism import (
     build_organism,
     organism_quality,
 )
-from workbench.study import load_study
+from workbench.study.load import load_study
 
 
 def measure(scale: Scale, seed: int, determinism: bool) -> dict[str, str]:

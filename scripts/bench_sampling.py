@@ -167,12 +167,12 @@ def main(argv: list[str] | None = None) -> Report:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
-    from workbench import prompts as P
-    from workbench.decoding import plan_prompts
-    from workbench.models import load_model
-    from workbench.organism import build_organism
-    from workbench.sampling import SamplingConfig, compute_samples
-    from workbench.study import load_study
+    from workbench.engine.models import load_model
+    from workbench.measure.decoding import plan_prompts
+    from workbench.measure.sampling import SamplingConfig, compute_samples
+    from workbench.organism.build import build_organism
+    from workbench.study import prompts as P
+    from workbench.study.load import load_study
 
     hf_logging.set_verbosity_error()
     n_prompts = 4 if args.quick else args.prompts

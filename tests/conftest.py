@@ -74,6 +74,6 @@ def gpt2_tokenizer(tiny_gpt2_dir: Path) -> Any:
 def small_organism() -> Path:
     """The small-scale model organism folder (`build_organism(scale="small")`), built once and
     cached ($WORKBENCH_CACHE or ~/.cache/workbench), so later sessions reuse it. Read-only."""
-    from workbench.organism import build_organism
+    from workbench.organism.build import build_organism
 
     return build_organism(scale="small", progress=False)

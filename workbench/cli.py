@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
-    from workbench.models import LoadedModel
+    from workbench.engine.models import LoadedModel
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load_model(args: argparse.Namespace) -> LoadedModel:
     """The model named by the options `_add_model_args` defines."""
-    from workbench.models import load_model
+    from workbench.engine.models import load_model
 
     return load_model(
         args.model,
@@ -58,8 +58,8 @@ def _load_model(args: argparse.Namespace) -> LoadedModel:
 
 
 def _cmd_distributions(args: argparse.Namespace) -> int:
-    from workbench.distributions import DistributionConfig, compute_distributions
-    from workbench.study import load_study
+    from workbench.measure.distributions import DistributionConfig, compute_distributions
+    from workbench.study.load import load_study
 
     for flag in ("batch_size", "chunk_prompts"):
         if getattr(args, flag) < 1:
@@ -81,8 +81,8 @@ def _cmd_distributions(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from workbench.sampling import SamplingConfig, compute_samples
-    from workbench.study import load_study
+    from workbench.measure.sampling import SamplingConfig, compute_samples
+    from workbench.study.load import load_study
 
     config = SamplingConfig(
         n=args.n,
@@ -110,8 +110,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from workbench.compare import CompareConfig, compare
-    from workbench.study import load_study
+    from workbench.compare.comparison import CompareConfig, compare
+    from workbench.study.load import load_study
 
     if args.resamples < 1:
         raise WorkbenchError("--resamples must be at least 1", fix="pass a positive number")
@@ -141,8 +141,8 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 
 def _cmd_activations(args: argparse.Namespace) -> int:
-    from workbench.activations import ActivationConfig, capture_activations
-    from workbench.study import load_study
+    from workbench.interp.activations import ActivationConfig, capture_activations
+    from workbench.study.load import load_study
 
     study = load_study(args.study)
     config = ActivationConfig(
@@ -166,8 +166,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from workbench.activations import ActivationStore
-    from workbench.probing import ProbeConfig, ProbeSpec, load_probe_study, run_probes
+    from workbench.interp.activations import ActivationStore
+    from workbench.interp.probe_study import ProbeConfig, ProbeSpec, load_probe_study
+    from workbench.interp.probing import run_probes
 
     if (args.study is None) == (not args.target):
         raise WorkbenchError(
@@ -201,7 +202,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from workbench.study import load_study
+    from workbench.study.load import load_study
 
     study = load_study(args.study)
     n_q = len(study.questions)
@@ -213,7 +214,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_organism_build(args: argparse.Namespace) -> int:
-    from workbench.organism import build_organism
+    from workbench.organism.build import build_organism
 
     path = build_organism(args.out, seed=args.seed, scale=args.scale, force=args.force)
     print(f"organism ready in {path}")
@@ -221,7 +222,7 @@ def _cmd_organism_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from workbench.demo import run_demo
+    from workbench.demo.pipeline import run_demo
 
     report = run_demo(args.out, scale=args.scale)
     print(f"demo report: {report}")

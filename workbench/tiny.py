@@ -2,7 +2,7 @@
 
 No machine here can download weights, so tests and the default demo run on models made by
 this module and saved as ordinary HF folders (`save_pretrained`, safetensors), then loaded
-back through the normal `workbench.models.load_model` path.
+back through the normal `workbench.engine.models.load_model` path.
 
 The tokenizer is byte-level BPE (GPT-2 style): " A" and "A" are distinct tokens, exactly
 the trap REFERENCE.md §2 describes. Llama-style tokenizers prepend BOS when called with

@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import activations as A
-from workbench import prompts as P
 from workbench.cli import main
+from workbench.engine.models import LoadedModel, load_model
 from workbench.errors import WorkbenchError
-from workbench.models import LoadedModel, load_model
-from workbench.spans import factor_spans
-from workbench.study import Study, parse_study
+from workbench.interp import activations as A
+from workbench.study import prompts as P
+from workbench.study.load import parse_study
+from workbench.study.spans import factor_spans
+from workbench.study.spec import Study
 
 STUDY: dict[str, Any] = {
     "name": "acts",

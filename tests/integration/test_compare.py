@@ -17,13 +17,14 @@ import yaml
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
-from workbench import sampling as S
 from workbench.cli import main
-from workbench.compare import CompareConfig, CompareResult, compare
-from workbench.distributions import DistributionConfig, compute_distributions
-from workbench.models import LoadedModel, load_model
-from workbench.organism import DESIGN_FILE, STUDY_FILE, TRUTH_FILE
-from workbench.study import Study, load_study
+from workbench.compare.comparison import CompareConfig, CompareResult, compare
+from workbench.engine.models import LoadedModel, load_model
+from workbench.measure import sampling as S
+from workbench.measure.distributions import DistributionConfig, compute_distributions
+from workbench.organism.build import DESIGN_FILE, STUDY_FILE, TRUTH_FILE
+from workbench.study.load import load_study
+from workbench.study.spec import Study
 
 LABEL = "truth (stands in for human data)"
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.distributions import DistributionConfig, compute_distributions
-from workbench.models import LoadedModel, load_model
-from workbench.study import parse_study
+from workbench.engine.models import LoadedModel, load_model
+from workbench.measure.distributions import DistributionConfig, compute_distributions
+from workbench.study.load import parse_study
 
 STUDY: dict[str, Any] = {
     "name": "t",
@@ -329,10 +329,10 @@ def test_run_folder_tables_manifest_and_full_vocab(llama: LoadedModel, tmp_path:
 
 
 def test_bridge_gives_the_same_distributions(llama: LoadedModel) -> None:
-    from workbench.distributions import build_requests
-    from workbench.models import load_bridge
-    from workbench.prompts import render
-    from workbench.scoring import naive_score
+    from workbench.engine.models import load_bridge
+    from workbench.engine.scoring import naive_score
+    from workbench.measure.distributions import build_requests
+    from workbench.study.prompts import render
 
     study = study_with(scoring={"method": "next_token"})
     res = compute_distributions(study, llama, config=QUIET)

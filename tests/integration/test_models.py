@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from workbench.cli import main
+from workbench.engine.models import load_model, resolve_dtype
 from workbench.errors import ModelLoadError
-from workbench.models import load_model, resolve_dtype
 
 
 def test_local_folder_loads_in_eval_mode_with_recorded_identity(tiny_llama_dir: Path) -> None:

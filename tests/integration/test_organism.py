@@ -2,7 +2,7 @@
 determinism, the planted preamble, and the real pipeline checked against a plain HF forward.
 
 One small-scale organism is built per session (read-only) and scored once with the real
-pipeline (`workbench.distributions.compute_distributions`).
+pipeline (`workbench.measure.distributions.compute_distributions`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workbench import organism as O
-from workbench.organism_world import ATTITUDE, RATING, World, true_distribution
+from workbench.organism import build as O
+from workbench.organism.world import ATTITUDE, RATING, World, true_distribution
 
 SMALL_JS_BOUND = 0.05
 """The issue's held-out-title bound, met by the small scale too (seed 0: about 0.024; the
@@ -43,9 +43,9 @@ def spec(organism_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def scored(organism_dir: Path) -> Any:
     """The organism's study scored by the real pipeline, float32 on CPU."""
-    from workbench.distributions import DistributionConfig, compute_distributions
-    from workbench.models import load_model
-    from workbench.study import load_study
+    from workbench.engine.models import load_model
+    from workbench.measure.distributions import DistributionConfig, compute_distributions
+    from workbench.study.load import load_study
 
     study = load_study(organism_dir / O.STUDY_FILE)
     lm = load_model(organism_dir / O.MODEL_DIR, dtype="float32", device="cpu")
@@ -102,7 +102,7 @@ def test_truth_table(organism_dir: Path) -> None:
 
 
 def test_study_file_is_a_valid_study(organism_dir: Path, scored: Any) -> None:
-    from workbench.study import load_study
+    from workbench.study.load import load_study
 
     study = load_study(organism_dir / O.STUDY_FILE)
     assert study.template.format == "plain" and study.scoring.method == "next_token"

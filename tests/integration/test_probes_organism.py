@@ -19,11 +19,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from workbench.activations import ActivationConfig, capture_activations
-from workbench.distributions import DistributionConfig, compute_distributions
-from workbench.models import load_model
-from workbench.probing import ProbeConfig, ProbeSpec, run_probes
-from workbench.study import load_study
+from workbench.engine.models import load_model
+from workbench.interp.activations import ActivationConfig, capture_activations
+from workbench.interp.probe_study import ProbeConfig, ProbeSpec
+from workbench.interp.probing import run_probes
+from workbench.measure.distributions import DistributionConfig, compute_distributions
+from workbench.study.load import load_study
 
 CONFIG = ProbeConfig(
     name="organism-validation",

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import yaml
 
-import workbench.distributions as D
-from workbench.distributions import DistributionConfig, compute_distributions
+import workbench.measure.distributions as D
+from workbench.engine.models import load_model
+from workbench.engine.scoring import Scored
 from workbench.errors import WorkbenchError
-from workbench.models import load_model
-from workbench.scoring import Scored
-from workbench.study import parse_study
+from workbench.measure.distributions import DistributionConfig, compute_distributions
+from workbench.study.load import parse_study
 
 TABLES = ("prompts", "distributions", "variants", "prompt_stats", "adjusted", "position_bias")
 

@@ -23,14 +23,15 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from workbench import decoding as D
-from workbench import metrics as M
-from workbench import prompts as P
-from workbench import sampling as S
-from workbench.distributions import DistributionConfig, compute_distributions
-from workbench.models import LoadedModel, load_model
-from workbench.organism import STUDY_FILE, TRUTH_FILE, attach_truth
-from workbench.study import Study, load_study
+from workbench.compare import metrics as M
+from workbench.engine.models import LoadedModel, load_model
+from workbench.measure import decoding as D
+from workbench.measure import sampling as S
+from workbench.measure.distributions import DistributionConfig, compute_distributions
+from workbench.organism.build import STUDY_FILE, TRUTH_FILE, attach_truth
+from workbench.study import prompts as P
+from workbench.study.load import load_study
+from workbench.study.spec import Study
 
 N = 100
 

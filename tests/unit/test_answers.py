@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from workbench.answers import AnswerParser, parse_verbalized, verbalized_example
-from workbench.study import Question, SamplingSpec
+from workbench.measure.answers import AnswerParser, parse_verbalized, verbalized_example
+from workbench.study.spec import Question, SamplingSpec
 
 RATING = Question(
     "rating",
@@ -166,7 +166,8 @@ def test_study_sampling_section() -> None:
     from conftest import example_study_dict
 
     from workbench.errors import StudyError
-    from workbench.study import DEFAULT_VERBALIZED_INSTRUCTION, parse_study
+    from workbench.study.load import parse_study
+    from workbench.study.spec import DEFAULT_VERBALIZED_INSTRUCTION
 
     assert parse_study(example_study_dict()).sampling == SamplingSpec()
     raw = example_study_dict()

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 from conftest import example_study_dict
 
-from workbench.compare import cell_key
+from workbench.compare.comparison import cell_key
+from workbench.compare.human import load_human
+from workbench.compare.survey import structural_gaps, structural_groups
 from workbench.errors import WorkbenchError
-from workbench.human import load_human
-from workbench.study import Study, parse_study
-from workbench.survey import structural_gaps, structural_groups
+from workbench.study.load import parse_study
+from workbench.study.spec import Study
 
 FACTORS = ["party", "age", "movie"]
 

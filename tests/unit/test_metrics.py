@@ -10,7 +10,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import binom, binomtest, entropy, wasserstein_distance
 
-from workbench import metrics as M
+from workbench.compare import metrics as M
 
 RNG = np.random.default_rng(0)
 VALUE_SETS = (

@@ -18,9 +18,9 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from workbench.demo.probe_section import ORGANISM_PROBES
 from workbench.errors import StudyError, WorkbenchError
-from workbench.opinion import behavioural_effects, decodable_vs_drives
-from workbench.probe_fit import (
+from workbench.interp.fit import (
     CVTask,
     control_task_labels,
     cross_validate,
@@ -29,7 +29,9 @@ from workbench.probe_fit import (
     grouped_folds,
     shuffled_labels,
 )
-from workbench.probing import ORGANISM_PROBES, control_types, load_probe_study
+from workbench.interp.opinion import behavioural_effects, decodable_vs_drives
+from workbench.interp.probe_study import load_probe_study
+from workbench.interp.probing import control_types
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from conftest import example_study_dict
 
-from workbench.prompts import (
+from workbench.study.load import parse_study
+from workbench.study.prompts import (
     continuation_ids,
     option_orders,
     option_targets,
@@ -21,7 +22,7 @@ from workbench.prompts import (
     prompts_frame,
     render,
 )
-from workbench.study import Study, parse_study
+from workbench.study.spec import Study
 
 FIVE = ["Strongly agree", "Agree", "Neither", "Disagree", "Strongly disagree"]
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from conftest import example_study_dict
 
-from workbench.study import Study, load_study, parse_study
+from workbench.study.load import load_study, parse_study
+from workbench.study.spec import Study
 
 
 def load(tmp_path: Path, study: dict[str, Any]) -> Study:

@@ -17,8 +17,8 @@ import yaml
 from conftest import example_study_dict
 
 from workbench.errors import StudyError
-from workbench.prompts import render, validate_for_tokenizer
-from workbench.study import load_study
+from workbench.study.load import load_study
+from workbench.study.prompts import render, validate_for_tokenizer
 
 _DELETE = object()
 

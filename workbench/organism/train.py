@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from workbench.organism_world import (
+from workbench.organism.world import (
     ATTITUDE,
     PERSONA_FACTORS,
     RATING,
@@ -35,13 +35,13 @@ from workbench.organism_world import (
     replace_cells,
     true_distribution,
 )
-from workbench.study import Cell, Question, Study
+from workbench.study.spec import Cell, Question, Study
 from workbench.tiny import EOS, tiny_config, train_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-    from workbench.organism import OrganismConfig
+    from workbench.organism.build import OrganismConfig
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def training_cells(config: OrganismConfig, train_titles: Sequence[str]) -> list[
 def training_examples(
     study: Study, config: OrganismConfig, train_titles: Sequence[str]
 ) -> tuple[list[Example], list[str]]:
-    """Training prompts rendered by `workbench.prompts.render` with the study's own template,
+    """Training prompts rendered by `workbench.study.prompts.render` with the study's own template,
     and every continuation string trained after them (direct answers and preambles)."""
     train_study = replace_cells(study, training_cells(config, train_titles), train_titles)
     examples = []

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.errors import WorkbenchError
-from workbench.study import Question, Study
+from workbench.study.spec import Question, Study
 
 Format = Literal["proportions", "respondents"]
 PROB_TOLERANCE = 0.02

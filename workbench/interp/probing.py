@@ -1,7 +1,7 @@
 """Probes on stored activations: which traits are decodable, where, and whether the model's
 opinion representation tracks them.
 
-A probe run reads an activations run (`workbench.activations`) and, for every site x position
+A probe run reads an activations run (`workbench.interp.activations`) and, for every site x position
 x target asked, fits linear probes with grouped cross-validation and two controls
 (REFERENCE.md §5):
 
@@ -40,86 +40,41 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from workbench.activations import ActivationStore, Site
-from workbench.errors import StudyError, WorkbenchError
-from workbench.opinion import (
-    SUMMARY_COLUMNS,
-    behavioural_effects,
-    decodable_vs_drives,
-    opinion_relation,
-    row_keys,
-)
-from workbench.probe_fit import (
+from workbench.errors import WorkbenchError
+from workbench.interp.activations import ActivationStore
+from workbench.interp.fit import (
     CVTask,
     control_task_labels,
     cross_validate,
     grouped_folds,
     shuffled_labels,
 )
+from workbench.interp.opinion import (
+    behavioural_effects,
+    decodable_vs_drives,
+    opinion_relation,
+    row_keys,
+)
+from workbench.interp.probe_study import (
+    RESIDUAL_KINDS,
+    STAT_TARGETS,
+    ProbeConfig,
+    ProbeSpec,
+    split_position,
+)
+from workbench.interp.sites import Site
 from workbench.runs import DIRECTIONS, PROBES, RunFolder
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from workbench.distributions import DistributionResult
-    from workbench.report import Block
-
-CONTROLS = ("shuffled", "control_task")
-STAT_TARGETS = ("expected_score", "modal_option_id", "modal_prob", "entropy_bits", "option_mass")
-"""Targets read from a distributions run's prompt_stats (joined on prompt_id)."""
-RESIDUAL_KINDS = ("hook_embed", "hook_resid_post")
-"""Plotted as one residual-stream curve (hook_embed is layer -1)."""
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """One target and where to read it."""
-
-    target: str
-    """A factor, or a prompt_stats column of the distributions run (`STAT_TARGETS`)."""
-    positions: tuple[str, ...] = ("answer",)
-    """`answer`, `span_mean:FACTOR` or `span_last:FACTOR`."""
-    group_by: str | None = None
-    """Overrides the run's `group_by` (e.g. a title target cannot be held out by title)."""
-    kind: Literal["auto", "logistic", "ridge"] = "auto"
-    """`auto`: ridge for float targets, logistic otherwise."""
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Settings of a probe run (written to its manifest). Also a probe study file's schema."""
-
-    probes: tuple[ProbeSpec, ...]
-    name: str = "probes"
-    sites: tuple[str, ...] = ("hook_embed", "blocks.*.hook_resid_post")
-    """Stored site names or fnmatch patterns."""
-    questions: tuple[str, ...] | None = None
-    """Only prompts of these questions (None: all)."""
-    group_by: str = "persona_id"
-    n_folds: int = 5
-    controls: tuple[str, ...] = CONTROLS
-    C: float = 1.0
-    """Inverse L2 strength of logistic probes (sklearn's C, standardized features)."""
-    alpha: float = 1.0
-    """Ridge penalty (sklearn's alpha, standardized features)."""
-    max_iter: int = 500
-    seed: int = 0
-    opinion: str | None = "expected_score"
-    """Target whose answer-position probe is related to every factor (None: skip)."""
-    decodable_margin: float = 0.1
-    """`decodable` in the summary: metric above chance by this much, and selectivity > 0."""
-    drives_tv: float = 0.02
-    """`drives` in the summary: mean TV between prompts differing in the factor alone at
-    least this large. On the organism, factors with no planted effect measure 0.003-0.008
-    (extraction noise) and the weakest planted one (party) 0.045."""
-    memory_gb: float = 2.0
+    from workbench.measure.distributions import DistributionResult
 
 
 @dataclass
@@ -134,117 +89,6 @@ class ProbeResult:
     directions: dict[str, torch.Tensor] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# probe study files
-
-
-_SPEC_FIELDS = ("target", "positions", "group_by", "kind")
-_CONFIG_FIELDS = (
-    "name",
-    "description",
-    "sites",
-    "questions",
-    "group_by",
-    "folds",
-    "controls",
-    "C",
-    "alpha",
-    "max_iter",
-    "seed",
-    "opinion",
-    "decodable_margin",
-    "drives_tv",
-    "probes",
-)
-
-
-def load_probe_study(path: str | Path) -> ProbeConfig:
-    """Parse a probe study YAML file (examples in `probes/`) into a `ProbeConfig`."""
-    file = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise StudyError(file, "(file)", f"cannot read: {err}", "check the path and YAML") from None
-    if not isinstance(raw, dict):
-        raise StudyError(file, "(file)", "expected a mapping", "write `key: value` lines")
-    for key in raw:
-        if key not in _CONFIG_FIELDS:
-            raise StudyError(
-                file, str(key), "unknown field", f"use one of: {', '.join(_CONFIG_FIELDS)}"
-            )
-    if not isinstance(raw.get("probes"), list) or not raw["probes"]:
-        raise StudyError(
-            file, "probes", "missing or empty", "list `- {target: actor, positions: [answer]}`"
-        )
-    specs = []
-    for i, item in enumerate(raw["probes"]):
-        if not isinstance(item, dict) or "target" not in item:
-            raise StudyError(file, f"probes[{i}]", "needs a `target`", "write `- {target: NAME}`")
-        for key in item:
-            if key not in _SPEC_FIELDS:
-                raise StudyError(
-                    file,
-                    f"probes[{i}].{key}",
-                    "unknown field",
-                    f"use one of: {', '.join(_SPEC_FIELDS)}",
-                )
-        positions = item.get("positions", ["answer"])
-        if isinstance(positions, str):
-            positions = [positions]
-        for j, pos in enumerate(positions):
-            if not _valid_position(str(pos)):
-                raise StudyError(
-                    file,
-                    f"probes[{i}].positions[{j}]",
-                    f"unknown position {pos!r}",
-                    "use answer, span_mean:FACTOR or span_last:FACTOR",
-                )
-        kind = item.get("kind", "auto")
-        if kind not in ("auto", "logistic", "ridge"):
-            raise StudyError(
-                file, f"probes[{i}].kind", f"unknown kind {kind!r}", "use auto, logistic or ridge"
-            )
-        specs.append(
-            ProbeSpec(
-                str(item["target"]), tuple(str(p) for p in positions), item.get("group_by"), kind
-            )
-        )
-    controls = tuple(raw.get("controls", CONTROLS))
-    for c in controls:
-        if c not in CONTROLS:
-            raise StudyError(
-                file, "controls", f"unknown control {c!r}", f"use {', '.join(CONTROLS)}"
-            )
-    sites = raw.get("sites", list(ProbeConfig.sites))
-    questions = raw.get("questions")
-    return ProbeConfig(
-        probes=tuple(specs),
-        name=str(raw.get("name", Path(path).stem)),
-        sites=tuple([sites] if isinstance(sites, str) else sites),
-        questions=None if questions is None else tuple(questions),
-        group_by=str(raw.get("group_by", "persona_id")),
-        n_folds=int(raw.get("folds", 5)),
-        controls=controls,
-        C=float(raw.get("C", 1.0)),
-        alpha=float(raw.get("alpha", 1.0)),
-        max_iter=int(raw.get("max_iter", 500)),
-        seed=int(raw.get("seed", 0)),
-        opinion=raw.get("opinion", "expected_score"),
-        decodable_margin=float(raw.get("decodable_margin", 0.1)),
-        drives_tv=float(raw.get("drives_tv", 0.02)),
-    )
-
-
-def _valid_position(pos: str) -> bool:
-    kind, _, factor = pos.partition(":")
-    return pos == "answer" or (kind in ("span_mean", "span_last") and bool(factor))
-
-
-def _split_position(pos: str) -> tuple[str, str | None]:
-    kind, _, factor = pos.partition(":")
-    return kind, factor or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +137,7 @@ def run_probes(
                 fix="pass --distributions DIR (a finished distributions run of the same study)",
             )
         for pos in spec.positions:
-            groups.setdefault(_split_position(pos), []).append(spec)
+            groups.setdefault(split_position(pos), []).append(spec)
 
     rows: list[dict[str, Any]] = []
     directions: dict[str, torch.Tensor] = {}
@@ -608,107 +452,3 @@ def accuracy_figure(probes: pd.DataFrame) -> Figure:
     fig.suptitle("Probe metric by layer (solid: probe, dashed: control task, dotted: shuffled)")
     fig.tight_layout()
     return fig
-
-
-# --------------------------------------------------------------------------------------------
-# demo
-
-
-ORGANISM_PROBES = ProbeConfig(
-    name="organism-traits",
-    probes=(
-        ProbeSpec("actor", ("answer", "span_mean:actor", "span_last:actor")),
-        ProbeSpec("genre", ("answer", "span_last:genre")),
-        ProbeSpec("favourite_genre", ("answer", "span_last:favourite_genre")),
-        ProbeSpec("party", ("answer", "span_last:party")),
-        ProbeSpec("region", ("answer", "span_last:region")),
-        ProbeSpec("age", ("answer",)),
-        ProbeSpec("title", ("answer", "span_last:title"), group_by="persona_id"),
-        ProbeSpec("expected_score", ("answer",)),
-        ProbeSpec("modal_option_id", ("answer",)),
-    ),
-    sites=("hook_embed", "blocks.*.hook_resid_post"),
-    questions=("rating",),
-    group_by="title",
-    opinion="expected_score",
-)
-"""The organism's probe study (also `probes/organism.yaml`; a test keeps the two equal).
-Unseen movies: held-out titles are the CV groups; the title itself is probed across personas
-(a probe cannot name a title it never saw)."""
-
-
-def demo_blocks(
-    organism_folder: Path, out: Path, lm: Any, distributions_result: DistributionResult
-) -> list[Block]:
-    """Capture activations on the organism, run its probe study, return report blocks."""
-    from workbench.activations import ActivationConfig, capture_activations
-    from workbench.report import Figure_, Table, Text
-    from workbench.study import load_study
-
-    study = load_study(organism_folder / "study.yaml")
-    config = ORGANISM_PROBES
-    factors = sorted(
-        {f for s in config.probes for p in s.positions if (f := _split_position(p)[1])}
-    )
-    acts = capture_activations(
-        study,
-        lm,
-        out / "activations",
-        ActivationConfig(
-            sites=config.sites,
-            positions=("answer", "span_mean", "span_last"),
-            factors=tuple(factors),
-            questions=config.questions,
-            store_dtype="float32",
-            progress=False,
-        ),
-        log=lambda _: None,
-    )
-    result = run_probes(acts, config, out / "probes", distributions=distributions_result)
-    best = result.probes[result.probes["control"] == "none"].sort_values("mean", ascending=False)
-    best = best.drop_duplicates(["target", "position_label"])
-    best_table = best[
-        ["target", "position_label", "site", "mean", "chance", "selectivity", "n_folds"]
-    ]
-    summary = result.summary
-    measured = summary.dropna(subset=["behaviour_tv"])
-    zero = measured[measured["factor"].isin(["title", "region", "age"])]
-    zero_text = ", ".join(f"{r.factor} {r.behaviour_tv:.3f}" for r in zero.itertuples())
-    strongest = measured.sort_values("behaviour_tv", ascending=False).head(1)
-    read = summary.dropna(subset=["opinion_eta2"]).sort_values("opinion_eta2", ascending=False)
-    verdict = (
-        f"The planted zero-effect factors move the rating distribution by a mean TV of "
-        f"{zero_text} when they alone change, against {strongest['behaviour_tv'].iloc[0]:.3f} "
-        f"for {strongest['factor'].iloc[0]}: they are in the prompt and decodable, but they do "
-        "not drive the answer. "
-        if len(zero) and len(strongest)
-        else ""
-    )
-    if len(read):
-        verdict += (
-            f"The opinion probe's prediction is explained best by "
-            f"{read['factor'].iloc[0]} (eta² {read['opinion_eta2'].iloc[0]:.2f})."
-        )
-    shown = summary[[c for c in SUMMARY_COLUMNS if not c.endswith("_site")]]
-    return [
-        Text(
-            "Linear probes on the residual stream (layer -1 = embeddings) at the answer position "
-            "and at each factor's token span, cross-validated with whole titles held out "
-            "(`group_by: title`; the title itself is held out by persona). Controls: shuffled "
-            "labels and Hewitt-Liang control tasks (a random label per prompt type); "
-            "selectivity = accuracy - control-task accuracy. The opinion probe reads the "
-            "model's expected rating at the answer position (R²)."
-        ),
-        Table(best_table.reset_index(drop=True), "best layer per target and position"),
-        Figure_(accuracy_figure(result.probes), "probe_accuracy", "probe metric by layer"),
-        Text(
-            "Decodable is not the same as used. Every factor is in the prompt, so it can be "
-            "decoded from its own span; whether it drives the answer is a behavioural question, "
-            "answered by prompts that differ in that factor alone (behaviour_tv: mean total "
-            "variation of the rating distribution; empty where the design has no such pair). "
-            "opinion_eta2: share of the opinion probe's held-out predictions explained by the "
-            "factor; opinion_cos: cosine of the opinion direction with the factor probe's "
-            "subspace (cos_null: a random direction). " + verdict
-        ),
-        Table(shown, "decodable vs drives the answer, per factor (best layer)"),
-    ]

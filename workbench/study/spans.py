@@ -3,7 +3,7 @@
 Activation capture, patching and attribution all need "the tokens of the actor's name" in a
 prompt. Searching the text for the value is wrong whenever the value also appears in fixed
 template text ("Up" in 'Do you like "Up"? Up or down...') or inside another value. Instead the
-study is rendered a second time, through the one rendering module (`workbench.prompts`), with
+study is rendered a second time, through the one rendering module (`workbench.study.prompts`), with
 every factor value replaced by a unique sentinel; the sentinels' positions, shifted back by
 the length differences, are the values' exact character spans in the real text. The
 tokenizer's offset mapping (fast tokenizers) turns them into token spans: every token that
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
-from workbench import prompts as P
 from workbench.errors import WorkbenchError
-from workbench.study import Study
+from workbench.study import prompts as P
+from workbench.study.spec import Study
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -99,7 +99,7 @@ def factor_spans(
     if len(marked) != len(prompts):
         raise WorkbenchError(
             "factor spans: the marked rendering does not match the prompts",
-            fix="pass the prompts rendered from this study (workbench.prompts.render)",
+            fix="pass the prompts rendered from this study (workbench.study.prompts.render)",
         )
     add_special = study.template.format == "plain"
     out: dict[int, list[Span]] = {}

@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from workbench.study import Question, SamplingSpec
+from workbench.study.spec import Question, SamplingSpec
 
 Status = Literal["ok", "refusal", "unparseable"]
 Kind = Literal["label", "text", "value"]

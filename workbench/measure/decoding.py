@@ -1,7 +1,7 @@
 """The sampling engine: prefill once, repeat the KV cache N times, decode many prompts' rows
 together, stop each row at its parsed answer, and read the answer-position distributions.
 
-Used by `workbench.sampling` (which owns the run folder and the tables). The contract:
+Used by `workbench.measure.sampling` (which owns the run folder and the tables). The contract:
 
 - **Prefill once.** A wave's prompts are left-padded and prefilled together (attention mask;
   position ids counted from each prompt's first real token); the cache is then repeated N
@@ -9,7 +9,7 @@ Used by `workbench.sampling` (which owns the run folder and the tables). The con
   prefills every prompt N times.
 - **Decode together, leave early.** All N x prompts rows take one token per step; a row leaves
   the batch (its cache rows are dropped with `batch_select_indices`) at EOS, at the token
-  budget, or at its first *final* parse (`workbench.answers`).
+  budget, or at its first *final* parse (`workbench.measure.answers`).
 - **Sampling.** float32 softmax(logits / temperature), HF's top-p rule (`TopPLogitsWarper`),
   inverse-CDF draws from one `torch.Generator` per wave seeded from (seed, the wave's first
   prompt id, its size).
@@ -34,14 +34,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from workbench import prompts as P
-from workbench.answers import AnswerParser, Parsed, Verbalized, option_surfaces, parse_verbalized
+from workbench.engine.models import LoadedModel
 from workbench.errors import StudyError
-from workbench.models import LoadedModel
-from workbench.study import Question, Study
+from workbench.measure.answers import (
+    AnswerParser,
+    Parsed,
+    Verbalized,
+    option_surfaces,
+    parse_verbalized,
+)
+from workbench.study import prompts as P
+from workbench.study.spec import Question, Study
 
 if TYPE_CHECKING:
-    from workbench.sampling import SamplingConfig
+    from workbench.measure.sampling import SamplingConfig
 
 KINDS = ("label", "text", "value")
 """How an answer is written; candidates and parses carry the index into this tuple."""
@@ -134,7 +140,7 @@ def plan_prompts(
 
 def _forward(model: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """One forward with a KV cache; returns float32 last-position logits [rows, vocab]."""
-    from workbench.scoring import _cache_kwarg
+    from workbench.engine.scoring import _cache_kwarg
 
     cache = kwargs.pop("cache", None)
     out = model(use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache}, **kwargs)

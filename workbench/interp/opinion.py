@@ -4,7 +4,7 @@ answer, side by side (REFERENCE.md §5: decodable is not the same as used).
 - `opinion_relation`: per site and factor, the share of the opinion probe's held-out
   predictions explained by the factor (eta²) and the cosine between the opinion direction and
   the factor probe's class subspace (a random direction's expected value is
-  sqrt((C - 1) / d_model)). Both read `workbench.probing` outputs.
+  sqrt((C - 1) / d_model)). Both read `workbench.interp.probing` outputs.
 - `behavioural_effects`: each factor's counterfactual effect on the answer distribution in a
   distributions run (prompts that differ in that factor alone).
 - `decodable_vs_drives`: one row per factor with both kinds of evidence and two verdicts.

@@ -1,11 +1,11 @@
 """Sampled and verbalized answer distributions (REFERENCE.md §3): `workbench sample`.
 
 N completions per prompt, each parsed into an option, a refusal or "unparseable" (never
-dropped; see `workbench.answers`), counted into a sampled distribution; beside the counts,
+dropped; see `workbench.measure.answers`), counted into a sampled distribution; beside the counts,
 the *answer-position* estimate: for every sample whose text reaches its answer, the exact
 option distribution at that position, averaged over samples.
 
-**The engine** (`workbench.decoding`): each prompt is prefilled once and its KV cache repeated
+**The engine** (`workbench.measure.decoding`): each prompt is prefilled once and its KV cache repeated
 N times (HF `generate(num_return_sequences=N)` prefills it N times); the rows of a wave of
 `batch_rows // n` prompts decode together and leave the batch at EOS, at `max_new_tokens`, or
 as soon as their answer is parsed. Float32 softmax(logits / temperature), HF's top-p rule, one
@@ -16,7 +16,7 @@ uninterrupted one would.
 **Answer-position distributions (Rao-Blackwellization).** For every sample whose text reaches
 its answer, the exact option distribution at the answer's token is read by teacher forcing
 (from the decoding step itself when the answer starts at a token boundary, else by an
-explicit forward; see `workbench.decoding`). Per sample we store the sampling distribution at the slot (temperature and top-p applied,
+explicit forward; see `workbench.measure.decoding`). Per sample we store the sampling distribution at the slot (temperature and top-p applied,
 renormalized over the options of the kind of surface the answer used) and the raw
 temperature-1 option log-probs. Their mean over samples estimates the sampled answer
 distribution without bias: conditional on the prefix and on an option being written at this
@@ -25,7 +25,7 @@ variance than counting (see `estimator_accuracy`).
 
 **Verbalized** (`sampling.verbalized: true` in the study): every question gets the study's
 `sampling.instruction` (a request for a JSON object of percentages per option); each sample
-is parsed by `workbench.answers.parse_verbalized`, failures are counted with their reason,
+is parsed by `workbench.measure.answers.parse_verbalized`, failures are counted with their reason,
 and the distribution is the mean of the valid stated distributions.
 
 Outputs (run folder, resumable like `workbench distributions`, manifest written last):
@@ -49,18 +49,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from workbench import decoding as D
-from workbench import prompts as P
-from workbench.answers import (
-    REFUSAL_PHRASES,
-    Parsed,
-    Verbalized,
-    verbalized_example,
-)
+from workbench.engine.models import LoadedModel
 from workbench.errors import WorkbenchError
-from workbench.models import LoadedModel
+from workbench.measure import decoding as D
+from workbench.measure.answers import REFUSAL_PHRASES, Parsed, Verbalized, verbalized_example
 from workbench.runs import PROMPTS, RunFolder
-from workbench.study import Study
+from workbench.study import prompts as P
+from workbench.study.spec import Study
 
 SAMPLES = "samples"
 SAMPLED = "sampled_distributions"
@@ -140,7 +135,7 @@ class SamplingResult:
 def verbalized_study(study: Study) -> Study:
     """The same study with the verbalized instruction appended to every question's text.
 
-    Prompts are still rendered by `workbench.prompts.render` (the only renderer); the
+    Prompts are still rendered by `workbench.study.prompts.render` (the only renderer); the
     instruction's `{example}` and `{labels}` are filled per question (canonical order).
     """
     raw = copy.deepcopy(dict(study.raw))
@@ -479,7 +474,7 @@ def estimator_accuracy(
     estimates; a prompt whose subset has no substantive answer is left out of that n.
     Returns columns n, estimator (count | answer_position), mean_tv, n_prompts.
     """
-    from workbench.metrics import total_variation
+    from workbench.compare.metrics import total_variation
 
     rng = np.random.default_rng(seed)
     out = []

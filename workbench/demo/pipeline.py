@@ -13,13 +13,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from workbench.compare import demo_blocks
-from workbench.distributions import DistributionConfig, DistributionResult, compute_distributions
-from workbench.models import load_model
-from workbench.organism import TRUTH_FILE, attach_truth, build_organism, organism_quality
-from workbench.probing import demo_blocks as probe_blocks
+from workbench.demo.elicitation import demo_blocks as elicitation_blocks
+from workbench.demo.probe_section import demo_blocks as probe_blocks
+from workbench.engine.models import load_model
+from workbench.measure.distributions import (
+    DistributionConfig,
+    DistributionResult,
+    compute_distributions,
+)
+from workbench.organism.build import TRUTH_FILE, attach_truth, build_organism, organism_quality
 from workbench.report import Block, Figure_, Heading, Table, Text, write_report
-from workbench.study import Study, load_study, parse_study
+from workbench.study.load import load_study, parse_study
+from workbench.study.spec import Study
 
 ATTITUDE = "cinema_funding"
 RATING = "rating"
@@ -105,7 +110,7 @@ def run_demo(
         ),
         _mass_figure(main),
         Heading("5. Sampled and verbalized answers, and human-survey metrics"),
-        *demo_blocks(folder, out / "sampling", lm),
+        *elicitation_blocks(folder, out / "sampling", lm),
         Heading("6. Probes: decodable vs drives the answer"),
         *probe_blocks(folder, out / "probing", lm, main),
         Heading("Run folders"),
@@ -118,7 +123,7 @@ def run_demo(
 
 
 def _quality_table(q: object) -> Table:
-    from workbench.organism import OrganismQuality
+    from workbench.organism.build import OrganismQuality
 
     assert isinstance(q, OrganismQuality)
     rows = [
@@ -136,7 +141,7 @@ def _quality_table(q: object) -> Table:
 
 
 def _factor_table(q: object) -> Table:
-    from workbench.organism import OrganismQuality
+    from workbench.organism.build import OrganismQuality
 
     assert isinstance(q, OrganismQuality)
     frame = pd.DataFrame(

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from workbench import prompts as P
-from workbench.prompts import Prompt
-from workbench.study import Cell, Study
+from workbench.study import prompts as P
+from workbench.study.prompts import Prompt
+from workbench.study.spec import Cell, Study
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from workbench.organism import OrganismConfig
+    from workbench.organism.build import OrganismConfig
 
 RATING, ATTITUDE = "rating", "cinema_funding"
 PERSONA_FACTORS = ("age", "party", "region", "favourite_genre")
@@ -412,7 +412,7 @@ class _TextOnlyTokenizer:
 
 
 def render_texts(study: Study) -> list[Prompt]:
-    """`workbench.prompts.render` without a tokenizer: prompts with their exact text and no ids.
+    """`workbench.study.prompts.render` without a tokenizer: prompts with their exact text and no ids.
 
     The training texts must exist before the tokenizer trained on them does, so rendering
     cannot wait for one. Plain-format rendering only calls the tokenizer for ids, so a stand-in

@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from workbench import prompts as P
-from workbench.models import LoadedModel
+from workbench.engine.models import LoadedModel
+from workbench.engine.scoring import EngineConfig, Request, Scored, score_requests
 from workbench.runs import FULL_VOCAB, PROMPTS, RunFolder
-from workbench.scoring import EngineConfig, Request, Scored, score_requests
-from workbench.study import Study
+from workbench.study import prompts as P
+from workbench.study.spec import Study
 
 TABLES = ("distributions", "variants", "prompt_stats")
 

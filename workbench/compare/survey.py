@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from workbench import metrics as M
-from workbench.human import HumanData
-from workbench.study import Question, Study
+from workbench.compare import metrics as M
+from workbench.compare.human import HumanData
+from workbench.study.spec import Question, Study
 
 if TYPE_CHECKING:
-    from workbench.compare import CompareConfig
+    from workbench.compare.comparison import CompareConfig
 
 
 def matrix(frame: pd.DataFrame, keys: list[str], k: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """`workbench compare`: logits vs sampled vs verbalized vs human, with the field's metrics.
 
 Inputs are finished run folders of one study (`workbench distributions`, `workbench sample`,
-verbalized or not) and optionally a human data file (`workbench.human`). Each gives *sources*,
+verbalized or not) and optionally a human data file (`workbench.compare.human`). Each gives *sources*,
 a distribution over the substantive options per prompt:
 
     distributions run  ->  "<run>"                     exact logit distribution (`prob`)
@@ -38,14 +38,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workbench import metrics as M
-from workbench import survey as U
+from workbench.compare import metrics as M
+from workbench.compare import survey as U
+from workbench.compare.figures import report_blocks
+from workbench.compare.human import load_human
 from workbench.errors import WorkbenchError
-from workbench.human import load_human
-from workbench.models import LoadedModel
-from workbench.report import Block, write_report
+from workbench.report import write_report
 from workbench.runs import MANIFEST, PROMPTS, git_hash, versions, write_json
-from workbench.study import Question, Study, parse_study
+from workbench.study.load import parse_study
+from workbench.study.spec import Question, Study
 
 BASELINES = ("uniform", "majority")
 PROMPT_COLUMNS = ("prompt_id", "persona_id", "question_id", "permutation", "order", "prompt")
@@ -547,14 +548,6 @@ def compare(
     return result
 
 
-def demo_blocks(organism_folder: Path, out: Path, lm: LoadedModel) -> list[Block]:
-    """The demo's section on sampled, verbalized and human comparisons (on the organism);
-    see `workbench.compare_report.demo_blocks`."""
-    from workbench.compare_report import demo_blocks as blocks
-
-    return blocks(organism_folder, out, lm)
-
-
 def write_comparison(
     result: CompareResult, out: str | Path, questions: dict[str, Question]
 ) -> Path:
@@ -566,8 +559,6 @@ def write_comparison(
     out.mkdir(parents=True, exist_ok=True)
     for name in TABLES:
         getattr(result, name).to_parquet(out / f"{name}.parquet", index=False)
-    from workbench.compare_report import report_blocks
-
     write_report(out, "workbench compare", report_blocks(result, questions))
     result.out_dir = out
     write_json(out / MANIFEST, result.manifest)

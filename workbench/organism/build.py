@@ -17,8 +17,8 @@ minute on two CPU cores on the "unseen movies" world:
 - a share of answers starts with a preamble ("Sure! I'd give it a 4."), so the first token
   and the answer in generated text differ in a planted, documented way (`Planted`).
 
-The world and its truth live in `workbench.organism_world`, the training in
-`workbench.organism_train`; this module builds, caches and scores.
+The world and its truth live in `workbench.organism.world`, the training in
+`workbench.organism.train`; this module builds, caches and scores.
 
 The folder it writes (file names are the constants below):
 
@@ -28,8 +28,8 @@ The folder it writes (file names are the constants below):
     corpus.jsonl.gz   every training text (the held-out-title check reads it)
     organism.json     world, effects, planted preamble rule, config, hashes; written last
 
-Training (distillation of the planted rule, see `workbench.organism_train`) renders its prompts
-through `workbench.prompts.render` with the same study template, so training and evaluation
+Training (distillation of the planted rule, see `workbench.organism.train`) renders its prompts
+through `workbench.study.prompts.render` with the same study template, so training and evaluation
 prompts are byte-identical for the same cell.
 """
 
@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from workbench.compare.metrics import js_distance, total_variation
 from workbench.errors import WorkbenchError
-from workbench.metrics import js_distance, total_variation
-from workbench.organism_train import TrainConfig
-from workbench.organism_world import (
+from workbench.organism.train import TrainConfig
+from workbench.organism.world import (
     FACTOR_NAMES,
     Planted,
     Titles,
@@ -62,7 +62,7 @@ from workbench.organism_world import (
     study_dict,
     true_distribution,
 )
-from workbench.study import Study
+from workbench.study.spec import Study
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -171,7 +171,7 @@ def truth_frame(
 ) -> pd.DataFrame:
     """`truth.parquet`: one row per (distinct prompt cell, question, option).
 
-    Cells are the ones `workbench.prompts.render` asks (canonical order), so factors a
+    Cells are the ones `workbench.study.prompts.render` asks (canonical order), so factors a
     question does not use are null exactly as in the pipeline's prompts table.
     """
     import pandas as pd
@@ -303,9 +303,9 @@ def _log(progress: bool) -> Callable[[str], None]:
 
 
 def _build_into(folder: Path, config: OrganismConfig, *, progress: bool) -> None:
-    from workbench import organism_train as T
+    from workbench.organism import train as T
     from workbench.runs import git_hash, versions, write_json
-    from workbench.study import load_study
+    from workbench.study.load import load_study
 
     log = _log(progress)
     t0 = time.time()
@@ -469,7 +469,7 @@ def organism_quality(
     `prompts` needs prompt_id, question_id, permutation and the factor columns;
     `distributions` prompt_id, option_id, is_refusal and `logprob` (the raw aggregated
     log-probability of the option); `prompt_stats` (optional) top_tokens and top_probs.
-    These are the tables of `workbench.distributions.compute_distributions`.
+    These are the tables of `workbench.measure.distributions.compute_distributions`.
     """
     import pandas as pd
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from workbench.errors import StudyError
-from workbench.study import Cell, Question, Study
+from workbench.study.spec import Cell, Question, Study
 
 if TYPE_CHECKING:
     import pandas as pd
