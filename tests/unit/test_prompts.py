@@ -190,7 +190,10 @@ def test_questions_are_deduplicated_over_stimulus_factors_they_do_not_name(
 
 
 def test_stimulus_factor_named_by_template_counts_for_every_question(llama_tokenizer: Any) -> None:
-    template = {**example_study_dict()["template"], "prompt": "About {movie}. " + "{question}"}
+    template = {
+        **example_study_dict()["template"],
+        "prompt": "About {movie}. {question}\n{options}\nAnswer:",
+    }
     study = study_with(template=template)
     economy = [p for p in render(study, llama_tokenizer) if p.question_id == "economy"]
     assert len(economy) == 8

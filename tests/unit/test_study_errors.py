@@ -205,6 +205,24 @@ CASES = [
     ),
     Case("plain_missing_prompt", "template.prompt", (_edit("template.prompt", _DELETE),)),
     Case(
+        "template_without_options",
+        "template.prompt",
+        (_edit("template.prompt", "{persona}\nQuestion: {question}\nAnswer:"),),
+    ),
+    Case(
+        "chat_without_options",
+        "template.user",
+        (_edit("template", {**CHAT, "user": "{persona} {question}"}),),
+    ),
+    Case(
+        "orders_over_hidden_option_texts",
+        "orders.kind",
+        (
+            _edit("template.prompt", "{persona}\nQuestion: {question} ({labels})\nAnswer:"),
+            _edit("orders", {"kind": "cyclic"}),
+        ),
+    ),
+    Case(
         "template_without_question",
         "template.prompt",
         (_edit("template.prompt", "{persona}\n{options}\nAnswer:"),),

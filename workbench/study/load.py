@@ -79,6 +79,14 @@ def parse_study(raw: Any, file: str = "<study>", base_dir: Path | None = None) -
     template = _parse_template(ctx, top["template"], factors, scoring)
     design = parse_design(ctx, top.get("design", {"kind": "factorial"}), factors)
     orders = _parse_orders(ctx, top.get("orders", {"kind": "canonical"}))
+    if orders.kind != "canonical" and not _shows_option_texts(template):
+        raise ctx.fail(
+            "orders.kind",
+            f"`{orders.kind}` reorders the options, but the prompt never shows their texts, "
+            "so every order renders the same prompt",
+            "show the options with {options} (and {text} in `template.option_line`), "
+            "or use `orders: {kind: canonical}`",
+        )
     cells = expand_design(ctx, design, factors, base_dir)
     sampling = _parse_sampling(ctx, top.get("sampling", {}))
     return Study(
@@ -354,6 +362,13 @@ def _parse_template(
             "never shows the question",
             "add the {question} placeholder",
         )
+    if "options" not in used and "labels" not in used:
+        raise ctx.fail(
+            "template.user" if fmt == "chat" else "template.prompt",
+            "never shows the options, so the model cannot know what a label stands for "
+            "(and every option order renders the same prompt)",
+            "add the {options} placeholder (each option as `{label}. {text}`), or {labels}",
+        )
     if scoring.method == "next_token" and last and last != last.rstrip():
         field_name = "template.prefill" if fmt == "chat" else "template.prompt"
         raise ctx.fail(
@@ -380,3 +395,10 @@ def _parse_orders(ctx: Ctx, value: Any) -> Orders:
     cap = ctx.integer(spec.get("cap", 24), "orders.cap", minimum=1)
     seed = ctx.integer(spec.get("seed", 0), "orders.seed", minimum=0)
     return Orders(kind, k, cap, seed)
+
+
+def _shows_option_texts(template: Template) -> bool:
+    """Whether a rendered prompt shows which text each label stands for."""
+    parts = [template.prompt, template.system, template.user, template.prefill]
+    shown = any(p is not None and "{options}" in p for p in parts)
+    return shown and "{text}" in template.option_line
