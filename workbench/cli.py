@@ -6,6 +6,7 @@ workbench compare RUN_DIR [RUN_DIR ...] [--human FILE] --out DIR
 workbench validate STUDY.yaml
 workbench activations STUDY.yaml --model MODEL --sites SITES --positions POSITIONS --out DIR
 workbench probe ACTIVATIONS_DIR (--study PROBES.yaml | --target T ...) [--distributions DIR]
+workbench patch STUDY.yaml --model MODEL --factor F [--sites S] [--positions P] --out DIR
 workbench organism build [--out DIR] [--seed S] [--scale small|default]
 workbench demo [--out DIR]
 """
@@ -201,6 +202,48 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workbench.interp.pairs import factor_pairs
+    from workbench.interp.patching import PatchConfig, patch_factor
+    from workbench.study import prompts as P
+    from workbench.study.load import load_study
+
+    study = load_study(args.study)
+    factors = _split(args.factor) or ()
+    config = PatchConfig(
+        sites=_split(args.sites) or (),
+        positions=_split(args.positions) or (),
+        directions=_split(args.directions) or (),
+        questions=_split(args.questions),
+        max_pairs=args.pairs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        chunk_pairs=args.chunk_pairs,
+        progress=not args.quiet,
+    )
+    lm = _load_model(args)
+    # Every factor's pairs are checked before the first forward pass: one bad factor must
+    # not cost the others' work.
+    prompts = P.render(study, lm.tokenizer)
+    for factor in factors:
+        factor_pairs(study, prompts, factor, questions=config.questions)
+    for factor in factors:
+        out = Path(args.out) if len(factors) == 1 else Path(args.out) / factor
+        result = patch_factor(study, lm, factor, out, config, overwrite=args.overwrite)
+        t = result.patching
+        t = t[t["metric"] == "normalized_effect"]
+        best = t.sort_values("effect", ascending=False).drop_duplicates(
+            ["question_id", "direction"]
+        )
+        cols = ["question_id", "direction", "site", "position", "effect", "ci_low", "ci_high"]
+        print(f"{factor}: best site per direction (normalized effect)")
+        print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"wrote patching.parquet and the heatmap to {out} (manifest.json written last)")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from workbench.study.load import load_study
 
@@ -354,6 +397,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="probe run folder (default: ACTIVATIONS/probes)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing probe folder")
     p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("patch", help="counterfactual activation patching of a factor's span")
+    p.add_argument("study", help="study YAML file")
+    _add_model_args(p)
+    p.add_argument(
+        "--factor", required=True, help="factor(s) to patch, comma-separated (one folder each)"
+    )
+    p.add_argument("--out", required=True, help="run folder (re-running resumes it)")
+    p.add_argument(
+        "--sites",
+        default="blocks.*.hook_resid_pre,blocks.*.hook_attn_out,blocks.*.hook_mlp_out,"
+        "blocks.*.hook_resid_post",
+        help="comma-separated TransformerLens site names or globs",
+    )
+    p.add_argument(
+        "--positions",
+        default="span_last,span_mean,answer,persona_last",
+        help="comma-separated: span_last, span_mean, answer, persona_last, all",
+    )
+    p.add_argument("--directions", default="denoising,noising")
+    p.add_argument("--questions", default=None, help="question ids (default: all with pairs)")
+    p.add_argument("--pairs", type=int, default=None, help="at most N pairs (drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="patched forwards per batch")
+    p.add_argument("--chunk-pairs", type=int, default=64, help="pairs per chunk on disk")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_patch)
 
     p = sub.add_parser("validate", help="check a study file without a model")
     p.add_argument("study")

@@ -1,6 +1,9 @@
 """Interpretability: activations at named sites, probes, and what they say about the answer."""
 
 from workbench.interp.activations import ActivationConfig, ActivationStore, capture_activations
+from workbench.interp.hooks import Edit, edit_sites, record_sites
+from workbench.interp.pairs import Pair, factor_pairs
+from workbench.interp.patching import PatchConfig, PatchResult, patch_factor
 from workbench.interp.probe_study import ProbeConfig, ProbeSpec, load_probe_study
 from workbench.interp.probing import ProbeResult, run_probes
 from workbench.interp.sites import Site, resolve_sites
@@ -8,12 +11,20 @@ from workbench.interp.sites import Site, resolve_sites
 __all__ = [
     "ActivationConfig",
     "ActivationStore",
+    "Edit",
+    "Pair",
+    "PatchConfig",
+    "PatchResult",
     "ProbeConfig",
     "ProbeResult",
     "ProbeSpec",
     "Site",
     "capture_activations",
+    "edit_sites",
+    "factor_pairs",
     "load_probe_study",
+    "patch_factor",
+    "record_sites",
     "resolve_sites",
     "run_probes",
 ]

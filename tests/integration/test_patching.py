@@ -1,0 +1,249 @@
+"""Span-aligned activation patching on the small model organism (issue 10, part 2).
+
+- Exactness: an edit with the target's own activations, and a zero `add` edit, change no bit
+  of the batched forward and reproduce the plain HF forward's answer distribution within 1e-6; the whole residual of the source at
+  `blocks.0.hook_resid_pre` over all positions (equal lengths) gives the source's answer.
+- Planted truth: the actor span carries the actor effect (normalized effect >= 0.8 at the best
+  block-0 site, both directions); patching the title or region span moves the answer by no
+  more than noise. `age` has no pair in the design (it moves with party and region) and says so.
+- Unequal span lengths, resume after a killed chunk, and every bad input's error.
+
+Measured on the small organism (seed 0, 32 pairs): actor span_mean at blocks.0.hook_resid_pre
+1.00 (denoising) / 0.96 (noising); title and region |normalized effect| <= 0.03.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from workbench.engine.models import LoadedModel, load_model
+from workbench.errors import StudyError, WorkbenchError
+from workbench.interp import patching as PT
+from workbench.interp.hooks import Edit, edit_sites, record_sites
+from workbench.interp.pairs import align, factor_pairs
+from workbench.study import prompts as P
+from workbench.study.load import load_study
+from workbench.study.spans import Span
+
+EARLY = ("blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out")
+CONFIG = PT.PatchConfig(
+    sites=(*EARLY, "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"),
+    positions=("span_last", "span_mean"),
+    questions=("rating",),
+    max_pairs=32,
+    n_boot=300,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def organism(small_organism: Path) -> tuple[Any, LoadedModel]:
+    study = load_study(small_organism / "study.yaml")
+    return study, load_model(small_organism / "model", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def runs(organism: tuple[Any, LoadedModel]) -> dict[str, PT.PatchResult]:
+    study, lm = organism
+    return {f: PT.patch_factor(study, lm, f, None, CONFIG) for f in ("actor", "title", "region")}
+
+
+def _plain(lm: LoadedModel, ids: tuple[int, ...]) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    return torch.log_softmax(logits, -1)
+
+
+def test_identity_and_zero_edits_match_plain_hf(organism: tuple[Any, LoadedModel]) -> None:
+    study, lm = organism
+    prompts = [p for p in P.render(study, lm.tokenizer) if p.question_id == "rating"][:3]
+    ids = [p.input_ids for p in prompts]
+    sites = ["hook_embed", *EARLY, "blocks.1.hook_resid_post"]
+    with record_sites(lm, sites) as rec:
+        plain_batch = PT.answer_logprobs(lm, ids)
+        own = dict(rec)
+    width = own[sites[0]].shape[1]
+    pos = torch.tensor([[i if i < len(r) else -1 for i in range(width)] for r in ids])
+    for mode, values in (
+        ("replace", own),
+        ("add", {s: torch.zeros_like(v) for s, v in own.items()}),
+    ):
+        with edit_sites(lm, {s: Edit(pos, values[s], mode) for s in sites}):
+            got = PT.answer_logprobs(lm, ids)
+        assert torch.equal(got, plain_batch), mode  # the edit itself changes no bit
+        for k, p in enumerate(prompts):  # the distribution of an unbatched plain HF forward
+            assert (got[k].exp() - _plain(lm, p.input_ids).exp()).abs().max() < 1e-6, mode
+
+
+def test_whole_residual_at_layer0_gives_the_source(organism: tuple[Any, LoadedModel]) -> None:
+    study, lm = organism
+    prompts = P.render(study, lm.tokenizer)
+    pairs = factor_pairs(study, prompts, "actor", questions=["rating"])
+    by_id = {p.prompt_id: p for p in prompts}
+    pair = next(
+        pr for pr in pairs if len(by_id[pr.clean].input_ids) == len(by_id[pr.corrupt].input_ids)
+    )
+    src, tgt = by_id[pair.clean].input_ids, by_id[pair.corrupt].input_ids
+    assert src != tgt
+    with record_sites(lm, ["blocks.0.hook_resid_pre"]) as rec:
+        PT.answer_logprobs(lm, [src])
+        h = rec["blocks.0.hook_resid_pre"]
+    edit = Edit(torch.arange(len(tgt))[None], h, "replace")
+    with edit_sites(lm, {"blocks.0.hook_resid_pre": edit}):
+        got = PT.answer_logprobs(lm, [tgt])[0]
+    assert (got.exp() - _plain(lm, src).exp()).abs().max() < 1e-6
+    assert (got.exp() - _plain(lm, tgt).exp()).abs().max() > 1e-3
+
+
+def _ne(result: PT.PatchResult) -> pd.DataFrame:
+    t = result.patching
+    return t[t["metric"] == "normalized_effect"]
+
+
+def test_actor_span_restores_the_actor_effect(runs: dict[str, PT.PatchResult]) -> None:
+    ne = _ne(runs["actor"])
+    assert set(ne["direction"]) == {"denoising", "noising"}
+    for direction, grp in ne[ne["site"].isin(EARLY)].groupby("direction"):
+        best = grp.sort_values("effect").iloc[-1]
+        assert best["effect"] >= 0.8, (direction, best.to_dict())
+        assert best["ci_low"] > 0.5 and best["n_pairs"] == 32
+    # the planted effect is large against its floor, and the pairs carry it
+    assert runs["actor"].pairs["tv_clean_corrupt"].mean() > 0.2
+
+
+@pytest.mark.parametrize("factor", ["title", "region"])
+def test_null_factor_spans_move_nothing(runs: dict[str, PT.PatchResult], factor: str) -> None:
+    ne = _ne(runs[factor])
+    assert len(ne) == len(CONFIG.sites) * 2 * 2
+    for _, row in ne.iterrows():
+        noise = row["ci_low"] <= 0 <= row["ci_high"] or abs(row["effect"]) < 0.05
+        assert noise, row.to_dict()
+    tv = runs[factor].patching
+    assert tv[tv["metric"] == "tv_target"]["effect"].max() < 0.02
+
+
+def _renamed(study: Any, old: str, new: str) -> Any:
+    """The study with one actor renamed (a longer name: spans of unequal token lengths)."""
+    factors = tuple(
+        dataclasses.replace(f, values=tuple(new if v == old else v for v in f.values))
+        if f.name == "actor"
+        else f
+        for f in study.factors
+    )
+    cells = tuple(
+        {k: new if (k == "actor" and v == old) else v for k, v in c.items()} for c in study.cells
+    )
+    return dataclasses.replace(study, factors=factors, cells=cells)
+
+
+def test_unequal_span_lengths(organism: tuple[Any, LoadedModel]) -> None:
+    study, lm = organism
+    # Every actor name of the organism is two tokens; "Dev Oka Okafor" is three.
+    longer = _renamed(study, "Dev Okafor", "Dev Oka Okafor")
+    config = dataclasses.replace(
+        CONFIG, sites=("blocks.0.hook_resid_pre",), positions=PT.POSITIONS, max_pairs=None
+    )
+    # one title and genre: 96 pairs of Mara Quinlan (2 tokens) and Dev Oka Okafor (3 tokens)
+    small = dataclasses.replace(
+        longer,
+        cells=tuple(
+            c
+            for c in longer.cells
+            if c.get("actor") in {"Mara Quinlan", "Dev Oka Okafor"}
+            and c.get("title") == "Paper Carnival"
+            and c.get("genre") == "comedy"
+        ),
+    )
+    result = PT.patch_factor(small, lm, "actor", None, config)
+    unequal = result.pairs[result.pairs["clean_span_tokens"] != result.pairs["corrupt_span_tokens"]]
+    assert len(unequal) == len(result.pairs) > 0
+    t = result.patching
+    assert t["effect"].notna().all()
+    assert set(t["position"]) == set(PT.POSITIONS)
+    ne = t[t["metric"] == "normalized_effect"].set_index(["position", "direction"])["effect"]
+    # at the first block the span mean carries most of the actor in both directions; `all`
+    # (positions after the span shifted) is not a full swap: a 2-token target span receives
+    # only the last two of the source's three tokens
+    assert (ne.loc["span_mean"] > 0.5).all() and (ne.loc["all"] > 0.5).all(), ne
+    # the rule: before the span same index, after it shifted, inside right-aligned + clamped
+    s, u = Span("x", 0, 0, 3, 5, 1), Span("x", 0, 0, 3, 6, 1)
+    assert align(s, u, 9, 10) == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8]
+    assert align(u, s, 10, 9) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+
+
+def test_resume_after_a_killed_chunk(
+    organism: tuple[Any, LoadedModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study, lm = organism
+    config = dataclasses.replace(CONFIG, max_pairs=12, chunk_pairs=4, sites=EARLY[:1])
+    reference = PT.patch_factor(study, lm, "actor", None, config)
+    real, calls = PT._run_chunk, []
+
+    def dies_after_one(*args: Any, **kwargs: Any) -> Any:
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(PT, "_run_chunk", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        PT.patch_factor(study, lm, "actor", tmp_path / "run", config)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    monkeypatch.setattr(PT, "_run_chunk", real)
+    resumed = PT.patch_factor(study, lm, "actor", tmp_path / "run", config)
+    assert resumed.manifest["counts"]["resumed_pairs"] == 4
+    pd.testing.assert_frame_equal(resumed.patched, reference.patched)
+    pd.testing.assert_frame_equal(resumed.patching, reference.patching)
+    assert (tmp_path / "run" / "patching.parquet").exists()
+    assert (tmp_path / "run" / "patching_actor.png").exists()
+
+
+def test_bad_input(organism: tuple[Any, LoadedModel], tmp_path: Path) -> None:
+    study, lm = organism
+    one_level = dataclasses.replace(
+        study,
+        factors=tuple(
+            dataclasses.replace(f, values=f.values[:1]) if f.name == "genre" else f
+            for f in study.factors
+        ),
+    )
+    cases: list[tuple[Any, str, PT.PatchConfig, str]] = [
+        (study, "budget", CONFIG, "not in the study"),
+        (one_level, "genre", CONFIG, "one level"),
+        (study, "age", CONFIG, "alone"),
+        (study, "actor", dataclasses.replace(CONFIG, sites=("blocks.9.hook_resid_pre",)), "site"),
+        (study, "actor", dataclasses.replace(CONFIG, positions=("middle",)), "position"),
+    ]
+    for st, factor, config, words in cases:
+        with pytest.raises(WorkbenchError, match=words) as err:
+            PT.patch_factor(st, lm, factor, tmp_path / factor, config)
+        assert err.value.fix
+    with pytest.raises(StudyError):
+        PT.patch_factor(study, lm, "age", None, CONFIG)
+    # an architecture whose blocks the hooks cannot find
+    odd = copy.deepcopy(lm.model)
+    layers = odd.model.layers
+    odd.model.layers = torch.nn.ModuleDict({str(i): b for i, b in enumerate(layers)})
+    with pytest.raises(WorkbenchError, match="cannot address"):
+        PT.patch_factor(study, dataclasses.replace(lm, model=odd), "actor", None, CONFIG)
+
+
+def test_cli_checks_every_factor_first(small_organism: Path, tmp_path: Path) -> None:
+    from workbench.cli import main
+
+    out = tmp_path / "patch"
+    code = main(
+        [
+            "patch", str(small_organism / "study.yaml"), "--model", str(small_organism / "model"),
+            "--device", "cpu", "--factor", "actor,age", "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 2
+    assert not out.exists()

@@ -1,0 +1,544 @@
+"""Span-aligned counterfactual activation patching, measured on the answer distribution.
+
+For each pair of prompts that differ in one factor alone (`workbench.interp.pairs`), each site
+(TransformerLens names) and each position, the source prompt's activation is written into the
+target prompt's forward at that site and the answer distribution is read with the
+workbench's measurement contract (`workbench.measure.distributions`): full-vocabulary float32
+softmax at the last prompt token, every label variant aggregated (`sum` / `max` in
+probability space), renormalized over the non-refusal options, expected ordinal score.
+
+Directions: `denoising` writes the clean prompt's activation into the corrupt prompt (is the
+site sufficient to carry the factor's effect?), `noising` writes the corrupt one into the
+clean prompt (is it necessary?). Both are read the same way: how far the patch moves the
+target's answer towards the source's.
+
+Positions (the pair's token alignment is `workbench.interp.pairs.align`):
+
+- `span_last`: the factor span's last token <- the source span's last token.
+- `span_mean`: every token of the target span is shifted by (source span mean - target span
+  mean): the span's mean becomes the source's, its within-span shape stays the target's.
+  Defined for spans of any two lengths.
+- `answer`: the last prompt token <- the source's last prompt token.
+- `persona_last`: the last token of the persona text <- the source's (pairs whose prompts
+  have no persona text are skipped at this position).
+- `all`: every target token <- its aligned source token (after the span, shifted by the
+  length difference); with equal lengths at `blocks.0.hook_resid_pre` this *is* the source.
+
+Metrics per (question, site, position, direction), over pairs, with 95% percentile bootstrap
+intervals (pairs resampled):
+
+- `normalized_effect` = sum_i r_i / max(sum_i g_i, n * floor): r_i the patch's movement of the
+  expected score from the target's towards the source's (the sign of the pair's own difference
+  orients it), g_i = |score(source) - score(target)|; 1 = the site carries the whole
+  difference, 0 = nothing. A ratio of sums, so pairs with noise-sized differences weigh
+  little. `floor` = `min_effect` x the question's value range: a factor whose own effect is
+  below it has nothing to localize (at `hook_resid_pre` of block 0 over its span the patched
+  prompt *is* the source, so a share of its own noise would read 1.0); against the floor its
+  normalized effect reads as a share of the smallest effect worth localizing. Questions
+  without ordinal values use TV instead: r_i = TV(target, source) - TV(patched, source),
+  g_i = TV(target, source), floor = `min_effect`.
+- `score_change`: mean r_i (score points).
+- `tv_source`, `tv_target`: mean total variation of the patched distribution to the source's
+  and to the target's (substantive options).
+
+Speed: each prompt's clean forward runs once (recording every site), then patched forwards
+run in batches whose rows each carry an edit at one site (rows of one batch mix sites and
+pairs; an edit only touches its own row) and compute logits at the answer position only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from workbench.engine.models import LoadedModel
+from workbench.engine.scoring import _logits
+from workbench.errors import StudyError, WorkbenchError
+from workbench.interp.hooks import Edit, edit_sites, record_sites
+from workbench.interp.pairs import Pair, align, factor_pairs, persona_last_tokens
+from workbench.interp.patch_tables import POSITIONS, factor_effect, heatmap, summarize
+from workbench.interp.sites import Site, _hf_modules, resolve_sites
+from workbench.runs import PROMPTS, RunFolder
+from workbench.study import prompts as P
+from workbench.study.spans import Span, factor_spans
+from workbench.study.spec import Study
+
+DIRECTIONS = ("denoising", "noising")
+PATCHING = "patching"
+"""`patching.parquet`: one row per question x site x position x direction x metric."""
+PATCHED = "patched"
+"""`patched.parquet`: one row per pair x site x position x direction (the raw reads)."""
+PAIRS = "pairs"
+"""`pairs.parquet`: one row per pair, with both prompts' own answers."""
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Settings of a patching run (written to the manifest)."""
+
+    sites: tuple[str, ...] = (
+        "blocks.*.hook_resid_pre",
+        "blocks.*.hook_attn_out",
+        "blocks.*.hook_mlp_out",
+        "blocks.*.hook_resid_post",
+    )
+    """TransformerLens site names or fnmatch globs."""
+    positions: tuple[str, ...] = ("span_last", "span_mean", "answer", "persona_last")
+    directions: tuple[str, ...] = DIRECTIONS
+    questions: tuple[str, ...] | None = None
+    """Question ids (None: every question with pairs)."""
+    max_pairs: int | None = None
+    """At most this many pairs, drawn uniformly with `seed` (None: all)."""
+    seed: int = 0
+    min_effect: float = 0.05
+    """Floor of the normalized effect's denominator, as a share of the value range."""
+    n_boot: int = 1000
+    batch_size: int = 64
+    """Rows (patched forwards) per batch."""
+    chunk_pairs: int = 64
+    """Pairs per chunk written to disk (what a crash can lose at most)."""
+    progress: bool = True
+
+
+@dataclass
+class PatchResult:
+    """The tables of a patching run (columns in the module docstring and README)."""
+
+    patching: pd.DataFrame
+    patched: pd.DataFrame
+    pairs: pd.DataFrame
+    manifest: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# reading the answer
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Token ids of every option variant of one prompt, and how to turn them into a
+    distribution (the contract of `workbench.measure.distributions.summarize`)."""
+
+    ids: Tensor
+    """[option, variant] token ids, canonical option order (refusal options last)."""
+    substantive: Tensor
+    """[option] bool."""
+    values: Tensor | None
+    """[substantive option] float64 ordinal values, or None."""
+
+
+def _reader(study: Study, lm: LoadedModel, prompt: P.Prompt) -> _Reader:
+    targets = P.option_targets(study, prompt)
+    n_opt = max(t.option_id for t in targets) + 1
+    n_var = len(study.scoring.variants)
+    ids = torch.zeros(n_opt, n_var, dtype=torch.long)
+    refusal = torch.zeros(n_opt, dtype=torch.bool)
+    for t in targets:
+        (tok,) = P.continuation_ids(lm.tokenizer, study, prompt, t.surface)
+        ids[t.option_id, t.variant] = tok
+        refusal[t.option_id] = t.is_refusal
+    q = next(q for q in study.questions if q.id == prompt.question_id)
+    values = torch.tensor(q.values, dtype=torch.float64) if q.values is not None else None
+    return _Reader(ids, ~refusal, values)
+
+
+def _distributions(logprobs: Tensor, readers: Sequence[_Reader], aggregate: str) -> Tensor:
+    """[row, substantive option] float64 from full-vocab float32 log-probs [row, vocab]."""
+    ids = torch.stack([r.ids for r in readers])
+    lp = logprobs.gather(1, ids.flatten(1)).view(ids.shape).double()
+    agg = lp.logsumexp(-1) if aggregate == "sum" else lp.amax(-1)
+    sub = agg[:, readers[0].substantive]
+    return torch.softmax(sub, dim=-1)
+
+
+def _score(prob: Tensor, reader: _Reader) -> float:
+    return float(prob @ reader.values) if reader.values is not None else float("nan")
+
+
+@torch.inference_mode()
+def answer_logprobs(lm: LoadedModel, ids: Sequence[Sequence[int]]) -> Tensor:
+    """[row, vocab] float32 full-vocab log-probs after each row's last token, for right-padded
+    rows of any lengths (logits at that position only). Edits and recordings of
+    `workbench.interp.hooks` apply when called inside their blocks."""
+    pad = lm.tokenizer.pad_token_id or 0
+    width = max(len(r) for r in ids)
+    batch = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, r in enumerate(ids):
+        batch[i, : len(r)] = torch.tensor(list(r))
+        mask[i, : len(r)] = 1
+    out = lm.model.base_model(input_ids=batch.to(lm.device), attention_mask=mask.to(lm.device))
+    last = torch.tensor([len(r) - 1 for r in ids], device=lm.device)
+    hidden = out.last_hidden_state[torch.arange(len(ids), device=lm.device), last]
+    return torch.log_softmax(_logits(lm.model, hidden), dim=-1).cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# plans: which target tokens get which values
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One patched forward before its site is chosen: target, source, positions, rule."""
+
+    pair_id: int
+    direction: str
+    position: str
+    target: int
+    source: int
+    tpos: tuple[int, ...]
+    spos: tuple[int, ...]
+    """Source token per target token (copy), or the source span (span_mean)."""
+    tspan: tuple[int, int] = (0, 0)
+    """span_mean: the target span [start, end)."""
+
+
+def _plans(
+    pair: Pair,
+    directions: Sequence[str],
+    positions: Sequence[str],
+    prompts: dict[int, P.Prompt],
+    spans: dict[int, Span],
+    persona_last: dict[int, int],
+) -> list[_Plan]:
+    out = []
+    for direction in directions:
+        src, tgt = (
+            (pair.clean, pair.corrupt) if direction == "denoising" else (pair.corrupt, pair.clean)
+        )
+        s, t = spans.get(src), spans.get(tgt)
+        ns, nt = len(prompts[src].input_ids), len(prompts[tgt].input_ids)
+        for pos in positions:
+            base = (pair.pair_id, direction, pos, tgt, src)
+            if pos == "answer":
+                out.append(_Plan(*base, (nt - 1,), (ns - 1,)))
+            elif pos == "persona_last":
+                if src in persona_last and tgt in persona_last:
+                    out.append(_Plan(*base, (persona_last[tgt],), (persona_last[src],)))
+            elif s is None or t is None:
+                continue  # the factor's value fell outside the fed text
+            elif pos == "span_last":
+                out.append(_Plan(*base, (t.token_end - 1,), (s.token_end - 1,)))
+            elif pos == "span_mean":
+                out.append(
+                    _Plan(
+                        *base,
+                        tuple(range(t.token_start, t.token_end)),
+                        tuple(range(s.token_start, s.token_end)),
+                        (t.token_start, t.token_end),
+                    )
+                )
+            else:  # all
+                out.append(_Plan(*base, tuple(range(nt)), tuple(align(s, t, ns, nt))))
+    return out
+
+
+def _values(plan: _Plan, h_source: Tensor, h_target: Tensor) -> Tensor:
+    """[k, d_model] values written at `plan.tpos` (h_* are [pos, d_model] at one site)."""
+    if plan.position == "span_mean":
+        t0, t1 = plan.tspan
+        shift = h_source[list(plan.spos)].mean(0) - h_target[t0:t1].mean(0)
+        return h_target[list(plan.tpos)] + shift
+    return h_source[list(plan.spos)]
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def _check(study: Study, lm: LoadedModel, config: PatchConfig) -> list[Site]:
+    bad = [p for p in config.positions if p not in POSITIONS]
+    if bad or not config.positions:
+        raise WorkbenchError(
+            f"unknown position {bad[0] if bad else '(none given)'!r}",
+            fix=f"use one or more of: {', '.join(POSITIONS)}",
+        )
+    bad = [d for d in config.directions if d not in DIRECTIONS]
+    if bad or not config.directions:
+        raise WorkbenchError(
+            f"unknown direction {bad[0] if bad else '(none given)'!r}",
+            fix=f"use one or both of: {', '.join(DIRECTIONS)}",
+        )
+    if study.scoring.method != "next_token":
+        raise StudyError(
+            study.path,
+            "scoring.method",
+            "patching reads the next-token answer distribution; this study scores sequences",
+            "use `scoring.method: next_token` with single-token labels for patching",
+        )
+    qids = [q.id for q in study.questions]
+    for q in config.questions or ():
+        if q not in qids:
+            raise WorkbenchError(f"unknown question {q!r}", fix=f"use one of: {', '.join(qids)}")
+    for name in ("batch_size", "chunk_pairs", "n_boot"):
+        if getattr(config, name) < 1:
+            raise WorkbenchError(f"{name} must be at least 1", fix="pass a positive number")
+    n_layers = int(lm.model.config.get_text_config().num_hidden_layers)
+    sites = resolve_sites(config.sites, n_layers)
+    try:
+        _hf_modules(lm.model, sites)
+    except WorkbenchError as err:
+        raise WorkbenchError(
+            f"patching cannot address this model's sites: {err.message}",
+            fix="patching hooks HF decoder blocks (Llama, Mistral, Qwen, Gemma, GPT-2 style); "
+            "report the architecture",
+        ) from err
+    return sites
+
+
+def patch_factor(
+    study: Study,
+    lm: LoadedModel,
+    factor: str,
+    out_dir: str | Path | None = None,
+    config: PatchConfig | None = None,
+    *,
+    overwrite: bool = False,
+) -> PatchResult:
+    """Patch `factor`'s counterfactual pairs at every site x position x direction of `config`.
+
+    Writes a run folder when `out_dir` is given; re-running the same call resumes it (pairs in
+    finished chunks are not recomputed). Bad input raises before any forward pass.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or PatchConfig()
+    t0 = time.time()
+    sites = _check(study, lm, config)
+    prompts = P.render(study, lm.tokenizer)
+    P.validate_for_tokenizer(study, prompts, lm.tokenizer, lm.max_length)
+    pairs = factor_pairs(
+        study,
+        prompts,
+        factor,
+        questions=config.questions,
+        max_pairs=config.max_pairs,
+        seed=config.seed,
+    )
+    by_id = {p.prompt_id: p for p in prompts}
+    used = sorted({i for pr in pairs for i in (pr.clean, pr.corrupt)})
+    used_prompts = [by_id[i] for i in used]
+    needs_span = any(p.startswith("span") or p == "all" for p in config.positions)
+    spans = (
+        {
+            pid: s
+            for pid, ss in factor_spans(study, prompts, lm.tokenizer, [factor]).items()
+            for s in ss
+        }
+        if needs_span
+        else {}
+    )
+    persona_last = (
+        persona_last_tokens(study, used_prompts, lm.tokenizer)
+        if "persona_last" in config.positions
+        else {}
+    )
+    readers = {p.prompt_id: _reader(study, lm, p) for p in used_prompts}
+
+    run: RunFolder | None = None
+    done: set[int] = set()
+    if out_dir is not None:
+        identity = {
+            "kind": "patching",
+            "study": study.name,
+            "prompts_fingerprint": P.prompts_fingerprint(prompts),
+            "model": lm.name,
+            "dtype": str(lm.dtype),
+            "factor": factor,
+            "pairs": [[p.clean, p.corrupt] for p in pairs],
+            "sites": [s.name for s in sites],
+            "positions": list(config.positions),
+            "directions": list(config.directions),
+        }
+        run = RunFolder(out_dir, identity, overwrite=overwrite)
+        if not (run.path / PROMPTS).exists():
+            run.write_table("prompts", P.prompts_frame(study, used_prompts))
+        done = run.done_keys(PAIRS, "pair_id") if run.chunk_dirs() else set()
+
+    todo = [p for p in pairs if p.pair_id not in done]
+    bar = tqdm(
+        total=len(pairs),
+        initial=len(pairs) - len(todo),
+        desc=f"patching {factor}",
+        unit="pair",
+        disable=not config.progress,
+    )
+    collected: dict[str, list[pd.DataFrame]] = {PAIRS: [], PATCHED: []}
+    t_patch = time.time()
+    forwards = 0
+    for start in range(0, len(todo), config.chunk_pairs):
+        chunk = todo[start : start + config.chunk_pairs]
+        frames, n = _run_chunk(study, lm, chunk, sites, config, by_id, spans, persona_last, readers)
+        forwards += n
+        if run is not None:
+            run.write_chunk(frames)
+        else:
+            for name, frame in frames.items():
+                collected[name].append(frame)
+        bar.update(len(chunk))
+    bar.close()
+    t_patch = time.time() - t_patch
+
+    if run is not None:
+        pairs_df, patched = run.read_chunks(PAIRS), run.read_chunks(PATCHED)
+    else:
+        pairs_df = pd.concat(collected[PAIRS], ignore_index=True)
+        patched = pd.concat(collected[PATCHED], ignore_index=True)
+    pairs_df = pairs_df.sort_values("pair_id").reset_index(drop=True)
+    patched = patched.sort_values(
+        ["pair_id", "direction", "position", "layer", "site_kind"], kind="stable"
+    ).reset_index(drop=True)
+    value_range = {
+        q.id: (max(q.values) - min(q.values)) if q.values is not None else None
+        for q in study.questions
+    }
+    table = summarize(
+        patched,
+        factor,
+        value_range,
+        min_effect=config.min_effect,
+        n_boot=config.n_boot,
+        seed=config.seed,
+    )
+    manifest = {
+        "kind": "patching",
+        "study": {"name": study.name, "path": study.path, "definition": dict(study.raw)},
+        "factor": factor,
+        "config": asdict(config),
+        "model": lm.describe(),
+        "sites": [s.name for s in sites],
+        "conventions": {
+            "distribution": "full-vocab float32 softmax at the last prompt token; label variants "
+            f"aggregated by {study.scoring.aggregate} in probability space; renormalized over "
+            "non-refusal options",
+            "pairs": "same question and option order, every other factor equal (nulls "
+            "included); clean = the value first in the study's order",
+            "denoising": "clean activation into the corrupt prompt",
+            "noising": "corrupt activation into the clean prompt",
+            "alignment": "before the span same index; after the span shifted by the length "
+            "difference; inside the span right-aligned, clamped at the source span's start",
+            "span_mean": "target span tokens shifted by (source span mean - target span mean)",
+            "normalized_effect": "sum of movement towards the source / max(sum |source - "
+            f"target|, n * {config.min_effect} * value range) in expected score",
+            "ci": f"95% percentile bootstrap over pairs, {config.n_boot} resamples",
+        },
+        "factor_effect": factor_effect(pairs_df),
+        "counts": {
+            "pairs": len(pairs),
+            "resumed_pairs": len(done),
+            "patched_forwards": forwards,
+            "rows": len(patched),
+        },
+        "timings_s": {"patch": round(t_patch, 3), "total": round(time.time() - t0, 3)},
+    }
+    result = PatchResult(table, patched, pairs_df, manifest)
+    if run is not None:
+        run.write_table(PATCHING, table)
+        run.write_table(PATCHED, patched)
+        run.write_table(PAIRS, pairs_df)
+        if len(table):
+            fig = heatmap(table)
+            fig.savefig(run.path / f"patching_{factor}.png", dpi=110, bbox_inches="tight")
+        run.finish(manifest)
+        result.out_dir = run.path
+    return result
+
+
+def _run_chunk(
+    study: Study,
+    lm: LoadedModel,
+    chunk: Sequence[Pair],
+    sites: Sequence[Site],
+    config: PatchConfig,
+    prompts: dict[int, P.Prompt],
+    spans: dict[int, Span],
+    persona_last: dict[int, int],
+    readers: dict[int, _Reader],
+) -> tuple[dict[str, pd.DataFrame], int]:
+    """Clean forwards of the chunk's prompts (once each), then every patched forward."""
+    names = [s.name for s in sites]
+    agg = study.scoring.aggregate
+    pids = sorted(
+        {i for p in chunk for i in (p.clean, p.corrupt)}, key=lambda i: -len(prompts[i].input_ids)
+    )
+    acts: dict[int, dict[str, Tensor]] = {}
+    clean: dict[int, Tensor] = {}
+    for b in range(0, len(pids), config.batch_size):
+        ids = pids[b : b + config.batch_size]
+        with record_sites(lm, names) as rec:
+            lp = answer_logprobs(lm, [prompts[i].input_ids for i in ids])
+        for k, i in enumerate(ids):
+            n = len(prompts[i].input_ids)
+            acts[i] = {name: rec[name][k, :n].cpu() for name in names}
+            clean[i] = _distributions(lp[k : k + 1], [readers[i]], agg)[0]
+
+    plans = [
+        pl
+        for pair in chunk
+        for pl in _plans(pair, config.directions, config.positions, prompts, spans, persona_last)
+    ]
+    rows = [(pl, s) for pl in plans for s in sites]
+    # Rows of similar width and edit size share a batch (less padding, smaller edits).
+    rows.sort(key=lambda r: (len(r[0].tpos), len(prompts[r[0].target].input_ids)))
+    records: list[dict[str, Any]] = []
+    for b in range(0, len(rows), config.batch_size):
+        batch = rows[b : b + config.batch_size]
+        k = max(len(pl.tpos) for pl, _ in batch)
+        d = next(iter(acts[batch[0][0].target].values())).shape[-1]
+        edits: dict[str, Edit] = {}
+        for site in {s.name for _, s in batch}:
+            pos = torch.full((len(batch), k), -1, dtype=torch.long)
+            val = torch.zeros(len(batch), k, d)
+            for r, (pl, s) in enumerate(batch):
+                if s.name == site:
+                    pos[r, : len(pl.tpos)] = torch.tensor(pl.tpos)
+                    val[r, : len(pl.tpos)] = _values(
+                        pl, acts[pl.source][site], acts[pl.target][site]
+                    )
+            edits[site] = Edit(pos, val, "replace")
+        with edit_sites(lm, edits):
+            lp = answer_logprobs(lm, [prompts[pl.target].input_ids for pl, _ in batch])
+        probs = _distributions(lp, [readers[pl.target] for pl, _ in batch], agg)
+        for r, (pl, s) in enumerate(batch):
+            reader = readers[pl.target]
+            q_s, q_t, q_p = clean[pl.source], clean[pl.target], probs[r]
+            records.append(
+                {
+                    "pair_id": pl.pair_id,
+                    "question_id": prompts[pl.target].question_id,
+                    "direction": pl.direction,
+                    "position": pl.position,
+                    "site": s.name,
+                    "site_kind": s.kind,
+                    "layer": s.layer,
+                    "source_score": _score(q_s, reader),
+                    "target_score": _score(q_t, reader),
+                    "patched_score": _score(q_p, reader),
+                    "tv_source_target": 0.5 * float((q_s - q_t).abs().sum()),
+                    "tv_source": 0.5 * float((q_p - q_s).abs().sum()),
+                    "tv_target": 0.5 * float((q_p - q_t).abs().sum()),
+                }
+            )
+    pair_rows = []
+    for p in chunk:
+        qc, qk = clean[p.clean], clean[p.corrupt]
+        sc, sk = spans.get(p.clean), spans.get(p.corrupt)
+        pair_rows.append(
+            {
+                **asdict(p),
+                "clean_score": _score(qc, readers[p.clean]),
+                "corrupt_score": _score(qk, readers[p.corrupt]),
+                "tv_clean_corrupt": 0.5 * float((qc - qk).abs().sum()),
+                "clean_span_tokens": sc.token_end - sc.token_start if sc else None,
+                "corrupt_span_tokens": sk.token_end - sk.token_start if sk else None,
+            }
+        )
+    return {PAIRS: pd.DataFrame(pair_rows), PATCHED: pd.DataFrame(records)}, len(pids) + len(rows)
