@@ -9,7 +9,8 @@ from __future__ import annotations
 class WorkbenchError(Exception):
     """An error caused by the user's input or environment, with a fix to suggest."""
 
-    exit_code = 1
+    exit_code = 2
+    """Bad input; `ModelLoadError` is 3. Exit code 1 is left to unexpected errors (bugs)."""
 
     def __init__(self, message: str, *, fix: str = "", file: str | None = None) -> None:
         self.message = message

@@ -94,6 +94,45 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def announce_resume(path: Path, done: int, total: int, unit: str = "prompts") -> None:
+    """Say on stderr that a run picks up where it stopped (nothing when starting fresh)."""
+    if done:
+        print(f"resuming {path}: {done:,} of {total:,} {unit} done", file=sys.stderr)
+
+
+def check_out_dir(
+    path: str | Path, expected: Mapping[str, Any], *, overwrite: bool = False
+) -> None:
+    """Refuse, before any model loads, an output folder that holds something else.
+
+    `expected` holds the parts of the run's identity known before loading (kind, study
+    name, model as passed); a key the folder's run.json does not record is not compared
+    (distributions runs record no `kind`). The full identity is checked again when the run
+    starts, so this only moves the common mistakes earlier.
+    """
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    if not path.is_dir():
+        raise WorkbenchError(f"{path} is a file", fix="give --out a folder path")
+    run_file = path / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text()).get("identity", {})
+        previous.setdefault("kind", "distributions")
+        changed = sorted(k for k, v in expected.items() if k in previous and previous[k] != v)
+        if changed:
+            was = ", ".join(f"{k}={previous[k]!r}" for k in changed)
+            raise WorkbenchError(
+                f"{path} holds a different run ({was}); resuming would mix results",
+                fix="use a new --out folder, or pass --overwrite to discard the old one",
+            )
+    elif any(path.iterdir()):
+        raise WorkbenchError(
+            f"{path} is not empty and is not a workbench run folder",
+            fix="use a new or empty --out folder",
+        )
+
+
 class RunFolder:
     """A run folder being written. `identity` must match to resume an existing folder."""
 

@@ -196,7 +196,7 @@ def test_cli_sample_and_compare(
         ]
     )
     assert code == 0 and (tmp_path / "c" / "report.html").is_file()
-    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "x")]) == 1
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a finished run folder" in capsys.readouterr().err
     assert (
         main(
@@ -210,6 +210,6 @@ def test_cli_sample_and_compare(
                 "0",
             ]
         )
-        == 1
+        == 2
     )
     assert "--temperature must be > 0" in capsys.readouterr().err

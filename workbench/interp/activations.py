@@ -78,7 +78,14 @@ from workbench.interp.sites import (
     reduction_weights,
     resolve_sites,
 )
-from workbench.runs import ACTIVATION_INDEX, ACTIVATION_SHARD, CHUNKS, PROMPTS, RunFolder
+from workbench.runs import (
+    ACTIVATION_INDEX,
+    ACTIVATION_SHARD,
+    CHUNKS,
+    PROMPTS,
+    RunFolder,
+    announce_resume,
+)
 from workbench.study import prompts as P
 from workbench.study.spans import factor_spans
 from workbench.study.spec import Study
@@ -267,6 +274,8 @@ def capture_activations(
     if not (run.path / PROMPTS).exists():
         run.write_table("prompts", prompts_df)
     done = run.done_keys(ACTIVATION_INDEX, "prompt_id") if run.chunk_dirs() else set()
+    if config.progress:
+        announce_resume(run.path, len(done), len(prompts))
     todo = [p for p in prompts if p.prompt_id not in done]
     capturer = Capturer(lm, sites, config.backend)
     pad_id = lm.tokenizer.pad_token_id or 0

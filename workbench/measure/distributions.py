@@ -17,6 +17,7 @@ context, summed over the continuation's tokens.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from workbench.engine.models import LoadedModel
 from workbench.engine.scoring import EngineConfig, Request, Scored, score_requests
-from workbench.runs import FULL_VOCAB, PROMPTS, RunFolder
+from workbench.runs import FULL_VOCAB, PROMPTS, RunFolder, announce_resume
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
@@ -48,6 +49,10 @@ class DistributionConfig:
     chunk_prompts: int = 256
     """Prompts per chunk written to disk (what a crash can lose at most)."""
     progress: bool = True
+    min_option_mass: float = 0.5
+    """A question whose mean option mass is below this gets a warning (printed when
+    `progress`, always in the manifest's `warnings`): its renormalized distribution is a
+    conditional the model would rarely produce."""
 
 
 @dataclass
@@ -264,6 +269,8 @@ def compute_distributions(
         if not (run.path / PROMPTS).exists():
             run.write_table("prompts", prompts_df)
         done = run.done_keys("distributions", "prompt_id") if run.chunk_dirs() else set()
+        if config.progress:
+            announce_resume(run.path, len(done), len(prompts))
 
     question_of = {p.prompt_id: p.question_id for p in prompts}
     todo = [r for r in requests if r.key not in done]
@@ -332,6 +339,10 @@ def compute_distributions(
     ]
     adjusted = order_adjusted(prompts_df, tables_out["distributions"], factor_names)
     bias = position_bias(prompts_df, tables_out["distributions"])
+    warnings = option_mass_warnings(prompts_df, tables_out["prompt_stats"], config.min_option_mass)
+    if config.progress:
+        for w in warnings:
+            print(f"warning: {w['message']}", file=sys.stderr)
     manifest = {
         "kind": "distributions",
         "study": {"name": study.name, "path": study.path, "definition": dict(study.raw)},
@@ -344,6 +355,7 @@ def compute_distributions(
             "rows": len(tables_out["distributions"]),
             "resumed_prompts": len(done),
         },
+        "warnings": warnings,
         "timings_s": {
             "render": round(t_render, 3),
             "score": round(t_score, 3),
@@ -371,6 +383,40 @@ def compute_distributions(
     elif full_vocab:
         result.manifest["full_vocab"] = _vocab_tensors(full_vocab)
     return result
+
+
+def option_mass_warnings(
+    prompts: pd.DataFrame, stats: pd.DataFrame, threshold: float
+) -> list[dict[str, Any]]:
+    """One warning per question whose mean option mass is below `threshold`, naming the
+    tokens the model wanted instead (its most frequent full-vocabulary top tokens)."""
+    if stats.empty:
+        return []
+    frame = prompts[["prompt_id", "question_id"]].merge(
+        stats[["prompt_id", "option_mass", "top_tokens"]], on="prompt_id"
+    )
+    out: list[dict[str, Any]] = []
+    for qid, grp in frame.groupby("question_id", sort=True):
+        mass = float(grp["option_mass"].mean())
+        if mass >= threshold:
+            continue
+        firsts = pd.Series([t[0] for t in grp["top_tokens"] if len(t)]).value_counts()
+        wanted = [str(t) for t in firsts.index[:5]]
+        out.append(
+            {
+                "question_id": str(qid),
+                "mean_option_mass": round(mass, 4),
+                "threshold": threshold,
+                "top_tokens": wanted,
+                "message": (
+                    f"question {qid!r}: mean option mass {mass:.3f} < {threshold} (the model "
+                    f"mostly wanted {', '.join(repr(t) for t in wanted)}); its distribution is "
+                    "conditional on an answer the model would rarely give: check the labels, "
+                    "the template's answer cue, or use a chat template / prefill"
+                ),
+            }
+        )
+    return out
 
 
 def _chunks_by_group(requests: list[Request], size: int) -> list[list[Request]]:

@@ -53,7 +53,7 @@ from workbench.engine.models import LoadedModel
 from workbench.errors import WorkbenchError
 from workbench.measure import decoding as D
 from workbench.measure.answers import REFUSAL_PHRASES, Parsed, Verbalized, verbalized_example
-from workbench.runs import PROMPTS, RunFolder
+from workbench.runs import PROMPTS, RunFolder, announce_resume
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
@@ -391,6 +391,8 @@ def compute_samples(
         if not (run.path / PROMPTS).exists():
             run.write_table("prompts", prompts_df)
         done = run.done_keys(SAMPLES, "prompt_id") if run.chunk_dirs() else set()
+        if config.progress:
+            announce_resume(run.path, len(done), len(plans))
 
     bar = tqdm(total=len(plans), desc="sampling", unit="prompt", disable=not config.progress)
     collected: list[pd.DataFrame] = []
