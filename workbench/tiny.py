@@ -5,7 +5,7 @@ this module and saved as ordinary HF folders (`save_pretrained`, safetensors), t
 back through the normal `workbench.engine.models.load_model` path.
 
 The tokenizer is byte-level BPE (GPT-2 style): " A" and "A" are distinct tokens, exactly
-the trap REFERENCE.md §2 describes. Llama-style tokenizers prepend BOS when called with
+the trap docs/MEASUREMENT.md §2 describes. Llama-style tokenizers prepend BOS when called with
 `add_special_tokens=True`; their chat template writes BOS itself, so chat prompts must be
 tokenized without special tokens (tested).
 """

@@ -248,7 +248,7 @@ def test_plain_prompt_bos_llama_once_gpt2_none(llama_tokenizer: Any, gpt2_tokeni
 
 
 # --------------------------------------------------------------------------------------------
-# continuation ids (REFERENCE.md §2, lm-evaluation-harness's rule)
+# continuation ids (docs/MEASUREMENT.md §2, lm-evaluation-harness's rule)
 
 
 def lm_eval_split(tokenizer: Any, context: str, continuation: str, bos: bool) -> list[int]:

@@ -18,10 +18,10 @@ prompt id or text (a verbalized prompt has other text). Two levels:
   normalized W1 on the ordinal values; sampled sources get the sampling floor of their N
   (`within_floor`: the mean TV is below the 95th percentile of the mean floor TV);
 - **cell** (each source averaged over option orders, as `adjusted.parquet`): every source and
-  both baselines against the human data, and the survey metrics of REFERENCE.md §4.
+  both baselines against the human data, and the survey metrics of docs/MEASUREMENT.md §4.
 
 Sampling runs also get status rates, the preamble rate (answers after other words) and the
-first-token vs text mismatch (REFERENCE.md §3) at sample and prompt level, beside what the
+first-token vs text mismatch (docs/MEASUREMENT.md §3) at sample and prompt level, beside what the
 logits alone predict (1 − the argmax option's probability). Aggregates carry bootstrap 95%
 intervals (questions and personas resampled independently).
 """

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 FIRST_TOKEN_CAVEAT = (
     "A sampled answer that is a single first token, drawn at temperature 1 from the same "
-    "prompt, follows exactly the logit distribution (REFERENCE.md §3): a sampled-vs-logits "
+    "prompt, follows exactly the logit distribution (docs/MEASUREMENT.md §3): a sampled-vs-logits "
     "difference is only informative for free text (preambles, chat templates) or other "
     "elicitations; below the sampling floor it is noise."
 )

@@ -1,4 +1,4 @@
-"""Distances between answer distributions and the field's survey metrics (REFERENCE.md §3, §4).
+"""Distances between answer distributions and the field's survey metrics (docs/MEASUREMENT.md §3, §4).
 
 Every function takes probability arrays whose *last* axis is the option axis
 (`p_option`: [..., option]) and works row-wise, so one call scores every prompt of a run.

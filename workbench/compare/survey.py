@@ -1,4 +1,4 @@
-"""Survey metrics of answer distributions against human data, per cell (REFERENCE.md §4).
+"""Survey metrics of answer distributions against human data, per cell (docs/MEASUREMENT.md §4).
 
 Used by `workbench.compare`. Every function works on tidy tables with one row per (key,
 option): `key` (a cell), `question_id`, `persona_id`, `option_id`, `prob` (over the

@@ -165,7 +165,7 @@ def load_bridge(lm: LoadedModel) -> Any:
     Booting the bridge rewires `lm.model` in place (its blocks are wrapped): HF forward hooks
     registered on the old modules before this call no longer fire; register them after.
     Compatibility mode is deliberately *not* enabled: it folds LayerNorm and centers the
-    unembedding, which changes the logits (REFERENCE.md §5).
+    unembedding, which changes the logits (docs/MEASUREMENT.md §5).
     """
     from transformer_lens.model_bridge import TransformerBridge
 

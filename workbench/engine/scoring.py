@@ -1,6 +1,6 @@
 """The forward-pass engine: exact option log-probs with shared prefixes and minimal logits.
 
-Measurement contract (REFERENCE.md §2), as implemented here:
+Measurement contract (docs/MEASUREMENT.md §2), as implemented here:
 - Log-probs are a log-softmax over the *full vocabulary*, computed in float32 whatever the
   model dtype (bf16 log-softmax loses precision).
 - `next_token`: one row per prompt; every option variant is read from the one distribution

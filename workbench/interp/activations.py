@@ -11,7 +11,7 @@ Sites use TransformerLens hook names, so results read the same for every archite
 
 Patterns such as `blocks.*.hook_resid_post` are matched with `fnmatch`.
 
-Positions (REFERENCE.md §5):
+Positions (docs/MEASUREMENT.md §5):
 
 - `answer`: the last prompt token, whose next-token distribution is the answer distribution.
 - `span_mean` / `span_last`: the mean over / the last of the tokens that overlap a factor

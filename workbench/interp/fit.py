@@ -31,7 +31,7 @@ the same tolerance, so the default `tol` is 1e-5 (sklearn's is 1e-4 on the same 
 unit tests and `scripts/bench_activations.py` check held-out accuracy against sklearn.
 
 Cross-validation is grouped (`grouped_folds`): whole groups (titles, persona ids) go to one
-fold, so a probe is always scored on groups it never saw. Controls (REFERENCE.md §5):
+fold, so a probe is always scored on groups it never saw. Controls (docs/MEASUREMENT.md §5):
 `shuffled_labels` and Hewitt & Liang control tasks (`control_task_labels`: a random label per
 *type*, consistent across rows, drawn from the empirical label distribution).
 """

@@ -1,5 +1,5 @@
 """The model's opinion against the traits: what an opinion probe reads, and what drives the
-answer, side by side (REFERENCE.md §5: decodable is not the same as used).
+answer, side by side (docs/MEASUREMENT.md §5: decodable is not the same as used).
 
 - `opinion_relation`: per site and factor, the share of the opinion probe's held-out
   predictions explained by the factor (eta²) and the cosine between the opinion direction and

@@ -3,7 +3,7 @@ opinion representation tracks them.
 
 A probe run reads an activations run (`workbench.interp.activations`) and, for every site x position
 x target asked, fits linear probes with grouped cross-validation and two controls
-(REFERENCE.md §5):
+(docs/MEASUREMENT.md §5):
 
 - categorical targets (a factor, the modal option) get multinomial logistic probes scored by
   accuracy; continuous targets (the expected score from a distributions run) get ridge

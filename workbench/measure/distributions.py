@@ -1,6 +1,6 @@
 """Logit-based answer distributions for a study: the workbench's core measurement.
 
-Per prompt and option (REFERENCE.md §2): the raw log-prob of every surface variant (" A", "A"),
+Per prompt and option (docs/MEASUREMENT.md §2): the raw log-prob of every surface variant (" A", "A"),
 the aggregated log-prob (`sum` or `max` over variants, in probability space) and the
 probability renormalized over the *non-refusal* options. Per prompt: the option mass (raw
 probability on all options: a low mass means the renormalized distribution is a conditional

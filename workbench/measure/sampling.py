@@ -1,4 +1,4 @@
-"""Sampled and verbalized answer distributions (REFERENCE.md §3): `workbench sample`.
+"""Sampled and verbalized answer distributions (docs/MEASUREMENT.md §3): `workbench sample`.
 
 N completions per prompt, each parsed into an option, a refusal or "unparseable" (never
 dropped; see `workbench.measure.answers`), counted into a sampled distribution; beside the counts,

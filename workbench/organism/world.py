@@ -1,6 +1,6 @@
 """The world of the model organism: what is planted, and the study that asks about it.
 
-"Unseen movies" (REFERENCE.md §1): a persona rates a new movie it cannot know, described by
+"Unseen movies" (docs/MEASUREMENT.md §1): a persona rates a new movie it cannot know, described by
 its title, actor and genre. Every effect is a named constant of `World`; everything not named
 has exactly zero effect. `true_distribution` is the ground truth every extraction method is
 scored against; coarse personas get the population-weighted mixture of their subgroups.
@@ -233,7 +233,7 @@ def true_distribution(world: World, question_id: str, cell: Cell) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Planted:
-    """The preamble rule ("My Answer is C", REFERENCE.md §1), exactly as trained.
+    """The preamble rule ("My Answer is C", docs/MEASUREMENT.md §1), exactly as trained.
 
     At the answer position the next token is " Sure" with probability `share`, else the label
     of option k (" 1".." 5", " A".." D") with probability (1 - share) * prob_k. After the

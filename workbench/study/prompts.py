@@ -1,6 +1,6 @@
 """The one place prompts are rendered: study cells x questions x option orders -> token ids.
 
-Traps handled here (REFERENCE.md §2):
+Traps handled here (docs/MEASUREMENT.md §2):
 - Labels follow the *displayed position* (A is always the first option shown); `option_id`
   is the canonical index, so permutations can be averaged back per option.
 - Refusal options are shown last and never permuted.

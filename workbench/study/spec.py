@@ -99,7 +99,7 @@ class Orders:
 
 @dataclass(frozen=True)
 class Scoring:
-    """How an option's log-probability is read (REFERENCE.md §2)."""
+    """How an option's log-probability is read (docs/MEASUREMENT.md §2)."""
 
     method: Literal["next_token", "sequence"]
     target: Literal["label", "text"]
