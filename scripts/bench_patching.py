@@ -12,14 +12,17 @@ pairs x every site (`blocks.*.hook_resid_pre|attn_out|mlp_out|resid_post`) x pos
 distribution with the same contract (full-vocab float32 softmax at the last token, variants
 summed, renormalized over the options) and report each patched forward's expected score.
 
-- workbench: `patch_factor` (clean forwards once with every site recorded, then batched
-  patched forwards whose rows carry edits at different sites; logits at the answer only).
+- workbench: `patch_factor`, everything included (rendering, pairs, spans, readers): clean
+  forwards once per prompt with every site, the residual stream and the keys/values kept,
+  then batched patched forwards that resume at the site's block and the first patched token
+  (`workbench.interp.resume_forward`); logits at the answer only.
 - baseline: a TransformerLens `TransformerBridge` over a second copy of the model; per pair
   `run_with_cache` of the source (the sites only) and of the target, then per site one
   `run_with_hooks` forward of the target with a hook writing the source's span-last vector.
 
 Check: the two sides' patched expected scores and TVs agree within 1e-5 (float32); each row
-names the code path that ran (the workbench counts its forwards, the baseline its hook calls).
+names the code path that ran (the workbench counts its forwards and how many resumed, the
+baseline its hook calls).
 Timings are the best of `--repeats` interleaved runs after a warm-up, `--threads` torch threads.
 """
 
@@ -85,10 +88,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def workbench() -> dict[tuple[int, str], tuple[float, float]]:
         res = PT.patch_factor(study, lm, "actor", None, config)
-        workbench.forwards = res.manifest["counts"]["patched_forwards"]  # type: ignore[attr-defined]
+        counts = res.manifest["counts"]
+        workbench.forwards = counts["patched_forwards"]  # type: ignore[attr-defined]
+        workbench.resumed = counts["resumed_forwards"]  # type: ignore[attr-defined]
+        t = res.patched
         return {
-            (int(r.pair_id), str(r.site)): (float(r.patched_score), float(r.tv_source))
-            for r in res.patched.itertuples()
+            (int(pid), str(site)): (float(score), float(tv))
+            for pid, site, score, tv in zip(
+                t["pair_id"], t["site"], t["patched_score"], t["tv_source"], strict=True
+            )
         }
 
     def dist(logits: torch.Tensor, pid: int) -> torch.Tensor:
@@ -117,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
                 logits = bridge.run_with_hooks(t_ids, fwd_hooks=[(site, hook)])
                 q_p = dist(logits, tgt.prompt_id)
-                score = float(q_p @ readers[tgt.prompt_id].values)
+                values = readers[tgt.prompt_id].values
+                assert values is not None  # the rating question is ordinal
+                score = float(q_p @ values)
                 out[(pr.pair_id, site)] = (score, 0.5 * float((q_p - q_s).abs().sum()))
         return out
 
@@ -157,15 +167,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "| method | time | ratio (baseline / method) | path check | max \\|Δ\\| vs baseline |",
         "|---|---:|---:|---|---|",
         f"| TransformerLens run_with_hooks | {best['TransformerLens run_with_hooks']:.3f} s | 1.00x | {calls_per_run} hook calls per run (one per pair x site) + {len(pairs)} run_with_cache | - |",
-        f"| workbench patch_factor | {best['workbench patch_factor']:.3f} s | {ratio:.2f}x | {workbench.forwards} forward rows per run ({n_rows} patched + clean), batched | expected score {d_score:.1e}, TV to source {d_tv:.1e} |",  # type: ignore[attr-defined]
+        f"| workbench patch_factor | {best['workbench patch_factor']:.3f} s | {ratio:.2f}x | {workbench.forwards} forward rows per run ({n_rows} patched, {workbench.resumed} of them resumed at the site's block and first patched token; {workbench.forwards - n_rows} clean), batched | expected score {d_score:.1e}, TV to source {d_tv:.1e} |",  # type: ignore[attr-defined]
         "",
         "Baseline: per pair, `run_with_cache` of the source on a `TransformerBridge` over a second "
         "copy of the model (booting rewires the model in place and forces eager attention), then "
         "one `run_with_hooks` forward of the target per site with a hook writing the source's "
         "span-last vector; full logits, softmax at the last token. Workbench: "
-        "`workbench.interp.patching.patch_factor` (rendering, spans and pair building included in "
-        "its time), clean forwards once per prompt, then batched patched forwards (rows at "
-        "different sites share a batch), logits at the answer position only.",
+        "`workbench.interp.patching.patch_factor` (rendering, pairs, spans and option readers "
+        "included in its time; the baseline is handed these), clean forwards once per prompt "
+        "keeping the residual stream and keys/values, then batched patched forwards that "
+        "compute only the blocks from the site's on and the tokens from the patched token on "
+        "(`workbench.interp.resume_forward`; equal to the full patched forward within 1e-6, "
+        "tests/integration/test_patching.py), logits at the answer position only.",
         "",
     ]
     text = "\n".join(lines)
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if max(d_score, d_tv) > 1e-5:
         print("the two methods differ by more than 1e-5", file=sys.stderr)
     return {"ratio": ratio, "max_diff": max(d_score, d_tv), "rows": n_rows,
-            "hook_calls": calls_per_run}  # fmt: skip
+            "hook_calls": calls_per_run, "resumed": workbench.resumed}  # type: ignore[attr-defined]  # fmt: skip
 
 
 if __name__ == "__main__":

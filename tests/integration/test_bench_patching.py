@@ -20,7 +20,7 @@ def test_quick_patching_benchmark_agrees(small_organism: Path, tmp_path: Path) -
     out = tmp_path / "patching.md"
     result = bench.main(["--quick", "--out", str(out)])
     assert result["max_diff"] <= 1e-5, result
-    assert result["rows"] == result["hook_calls"] > 0
+    assert result["rows"] == result["hook_calls"] == result["resumed"] > 0
     text = out.read_text(encoding="utf-8")
     assert "python -m scripts.bench_patching --quick" in text
     assert "| workbench patch_factor |" in text and "| TransformerLens run_with_hooks |" in text

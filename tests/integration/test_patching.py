@@ -7,6 +7,13 @@
   block-0 site, both directions); patching the title or region span moves the answer by no
   more than noise. `age` has no pair in the design (it moves with party and region) and says so.
 - Unequal span lengths, resume after a killed chunk, and every bad input's error.
+- Resumed forwards (`workbench.interp.resume_forward`: start at the site's block and the first
+  patched token) equal the full patched forward within 1e-6 in probability on tiny Llama and
+  GPT-2 (sdpa and eager), Mistral, Qwen2 and Qwen3 models and the small organism; a whole
+  patching run with them equals one with full forwards; other models fall back to full
+  forwards.
+- `pair_prompts` (only the prompts in pairs tokenized and spanned) gives the full rendering's
+  prompts and spans.
 
 Measured on the small organism (seed 0, 32 pairs): actor span_mean at blocks.0.hook_resid_pre
 1.00 (denoising) / 0.96 (noising); title and region |normalized effect| <= 0.03.
@@ -26,11 +33,13 @@ import torch
 from workbench.engine.models import LoadedModel, load_model
 from workbench.errors import StudyError, WorkbenchError
 from workbench.interp import patching as PT
+from workbench.interp import resume_forward as RF
 from workbench.interp.hooks import Edit, edit_sites, record_sites
-from workbench.interp.pairs import align, factor_pairs
+from workbench.interp.pairs import align, factor_pairs, pair_prompts
+from workbench.interp.sites import all_sites
 from workbench.study import prompts as P
 from workbench.study.load import load_study
-from workbench.study.spans import Span
+from workbench.study.spans import Span, factor_spans
 
 EARLY = ("blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out")
 CONFIG = PT.PatchConfig(
@@ -247,3 +256,133 @@ def test_cli_checks_every_factor_first(small_organism: Path, tmp_path: Path) -> 
     )  # fmt: skip
     assert code == 2
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# resumed forwards
+
+
+def _config_model(kind: str, vocab: int) -> Any:
+    """A tiny random model of `kind` built from its config (no weights downloaded)."""
+    import transformers as tf
+
+    common = {
+        "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+    }  # fmt: skip
+    config = {
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
+    }[kind]()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def resumable_models(
+    tiny_llama_dir: Path, tiny_gpt2_dir: Path, organism: tuple[Any, LoadedModel]
+) -> dict[str, LoadedModel]:
+    llama = load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    out = {
+        "tiny-llama": llama,
+        "tiny-gpt2": load_model(tiny_gpt2_dir, dtype="float32", device="cpu"),
+        "organism": organism[1],
+    }
+    vocab = int(llama.model.config.vocab_size)
+    for kind in ("mistral", "qwen2", "qwen3"):
+        out[kind] = dataclasses.replace(llama, model=_config_model(kind, vocab), name=kind)
+    for name in ("tiny-llama", "tiny-gpt2"):
+        eager = copy.deepcopy(out[name].model)
+        eager.set_attn_implementation("eager")
+        out[f"{name}-eager"] = dataclasses.replace(out[name], model=eager)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tiny-llama", "tiny-gpt2", "tiny-llama-eager", "tiny-gpt2-eager", "organism", "mistral",
+     "qwen2", "qwen3"],
+)  # fmt: skip
+def test_resumed_forward_equals_full_patched_forward(
+    resumable_models: dict[str, LoadedModel], name: str
+) -> None:
+    lm = resumable_models[name]
+    model = lm.model
+    assert RF.resumable(model, 64) is None
+    n_layers = int(model.config.get_text_config().num_hidden_layers)
+    vocab = int(model.config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (14, 9, 17, 6)]
+    sites = [s for s in all_sites(n_layers) if s.layer >= 0]
+    plain, rec, states = RF.clean_forward(lm, ids, [s.name for s in sites])
+    assert torch.equal(plain, PT.answer_logprobs(lm, ids))
+    starts = [3, 8, 0, 4]  # a span, the answer token, the whole prompt, the last two tokens
+    pos = torch.tensor([[3, 5, 6], [8, -1, -1], [0, 7, 16], [4, 5, -1]])
+    d = rec[sites[0].name].shape[-1]
+    for s in sites:
+        layer, hooked = RF.start(s, n_layers)  # type: ignore[misc]
+        for mode in ("replace", "add"):
+            edit = Edit(pos, torch.randn(4, 3, d, generator=g), mode)  # type: ignore[arg-type]
+            with edit_sites(lm, {s.name: edit}):
+                full = PT.answer_logprobs(lm, ids)
+            got = RF.resumed_logprobs(lm, states, layer, starts, {hooked: edit})
+            assert (full.exp() - plain.exp()).abs().max() > 1e-3, (s.name, mode)  # it patched
+            assert (got.exp() - full.exp()).abs().max() < 1e-6, (name, s.name, mode)
+    # no edit: the resumed forward is the clean one; an edit before the start is refused
+    got = RF.resumed_logprobs(lm, states, n_layers - 1, [13, 8, 16, 5], {})
+    assert (got.exp() - plain.exp()).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="before"):
+        RF.resumed_logprobs(lm, states, 0, [4, 8, 0, 5], {sites[0].name: Edit(pos, pos, "add")})
+
+
+def test_patching_with_resumed_forwards_equals_full_forwards(
+    organism: tuple[Any, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study, lm = organism
+    config = dataclasses.replace(
+        CONFIG,
+        sites=("hook_embed", "blocks.*"),
+        positions=PT.POSITIONS,
+        max_pairs=6,
+        batch_size=16,
+        n_boot=20,
+    )
+    resumed = PT.patch_factor(study, lm, "actor", None, config)
+    monkeypatch.setattr(RF, "resumable", lambda model, n: "forced full forwards")
+    full = PT.patch_factor(study, lm, "actor", None, config)
+    rows = len(full.patched)
+    assert full.manifest["counts"]["resumed_forwards"] == 0
+    # every row but hook_embed's resumed
+    assert resumed.manifest["counts"]["resumed_forwards"] == rows - rows // 9
+    cols = ["patched_score", "tv_source", "tv_target"]
+    assert (resumed.patched[cols] - full.patched[cols]).abs().max().max() < 1e-6
+    pd.testing.assert_frame_equal(
+        resumed.patched.drop(columns=cols), full.patched.drop(columns=cols)
+    )
+
+
+def test_unaddressed_models_fall_back(resumable_models: dict[str, LoadedModel]) -> None:
+    model = copy.deepcopy(resumable_models["tiny-llama"].model)
+    model.config.model_type = "gemma2"
+    assert "gemma2" in str(RF.resumable(model, 8))
+    model = resumable_models["mistral"].model
+    assert RF.resumable(model, 8) is None
+    model.config.sliding_window = 16
+    try:
+        assert "sliding window" in str(RF.resumable(model, 32))
+        assert RF.resumable(model, 16) is None
+    finally:
+        model.config.sliding_window = None
+
+
+def test_pair_prompts_are_the_full_renderings(organism: tuple[Any, LoadedModel]) -> None:
+    study, lm = organism
+    found = pair_prompts(study, lm.tokenizer, "actor", questions=["rating"], max_pairs=40)
+    prompts = P.render(study, lm.tokenizer)
+    assert found.pairs == factor_pairs(study, prompts, "actor", questions=["rating"], max_pairs=40)
+    spans = factor_spans(study, prompts, lm.tokenizer, ["actor"])
+    assert len(found.prompts) > 40
+    for pid, prompt in found.prompts.items():
+        assert prompt == prompts[pid]
+        assert [found.spans[pid]] == spans[pid]

@@ -12,6 +12,9 @@ before the span are the same tokens at the same index; tokens after the span shi
 length difference (`source index = target index + len(source span) - len(target span)`);
 span tokens are aligned from the span's end (last with last), and a target span longer than
 the source's maps its surplus leading tokens to the source span's first token.
+
+`pair_prompts` finds the pairs without tokenizing the whole study: only the prompts in pairs
+get token ids and factor spans (see its docstring).
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
-from workbench.errors import StudyError
+from workbench.errors import StudyError, WorkbenchError
 from workbench.study import prompts as P
-from workbench.study.spans import Span
-from workbench.study.spec import Study
+from workbench.study.spans import Span, _TextOnly, factor_spans
+from workbench.study.spec import Cell, Study
 
 
 @dataclass(frozen=True)
@@ -137,3 +140,76 @@ def persona_last_tokens(
         if toks:
             out[p.prompt_id] = toks[-1]
     return out
+
+
+@dataclass(frozen=True)
+class PairPrompts:
+    """The pairs of one factor and what patching needs of their prompts alone."""
+
+    pairs: list[Pair]
+    prompts: dict[int, P.Prompt]
+    """prompt_id -> prompt (token ids included), for every prompt in a pair."""
+    spans: dict[int, Span]
+    """prompt_id -> the factor's span, for prompts in pairs where the fed text holds it."""
+
+
+def pair_prompts(
+    study: Study,
+    tokenizer: Any,
+    factor: str,
+    *,
+    questions: Sequence[str] | None = None,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    spans: bool = True,
+) -> PairPrompts:
+    """`factor_pairs` of the study's prompts, with token ids (and the factor's spans when
+    `spans`) for the prompts in pairs only.
+
+    Pairs need no tokens: the study is rendered as text (through `workbench.study.prompts`,
+    up to the last question asked; prompt ids are assigned question by question, so they are
+    the full rendering's). The prompts in pairs are rendered again, tokenized, from the study
+    restricted to their cells and questions: a prompt's text and ids depend only on its
+    question, cell and option order, so these are the same prompts (checked: equal text), and
+    their spans come from `factor_spans` on that restricted study.
+    """
+    asked = [i for i, q in enumerate(study.questions) if questions is None or q.id in questions]
+    head = replace(study, questions=study.questions[: max(asked) + 1]) if asked else study
+    text_only = P.render(head, cast("Any", _TextOnly(tokenizer)))
+    pairs = factor_pairs(
+        study, text_only, factor, questions=questions, max_pairs=max_pairs, seed=seed
+    )
+    by_id = {p.prompt_id: p for p in text_only}
+    used = [by_id[i] for i in sorted({i for pr in pairs for i in (pr.clean, pr.corrupt)})]
+    names = [f.name for f in study.factors]
+
+    def key(p: P.Prompt) -> tuple[object, ...]:
+        return (p.question_id, p.permutation, *(p.factors.get(n) for n in names))
+
+    cells: dict[tuple[object, ...], Cell] = {}
+    for p in used:
+        cells.setdefault(tuple(p.factors.get(n) for n in names), dict(p.factors))
+    qids = {p.question_id for p in used}
+    small = replace(
+        study,
+        questions=tuple(q for q in study.questions if q.id in qids),
+        cells=tuple(cells.values()),
+    )
+    rendered = P.render(small, tokenizer)
+    found = {key(p): p for p in rendered}
+    prompts: dict[int, P.Prompt] = {}
+    for p in used:
+        twin = found.get(key(p))
+        if twin is None or twin.text != p.text:
+            raise WorkbenchError(
+                f"prompt {p.prompt_id}: rendering its cell alone gives another prompt",
+                fix="report this: the rendering of a prompt depends on other cells",
+            )
+        prompts[p.prompt_id] = replace(twin, prompt_id=p.prompt_id)
+    out_spans: dict[int, Span] = {}
+    if spans:
+        twin_of = {found[key(by_id[i])].prompt_id: i for i in prompts}
+        for twin_id, ss in factor_spans(small, rendered, tokenizer, [factor]).items():
+            for span in ss if twin_id in twin_of else ():
+                out_spans[twin_of[twin_id]] = span
+    return PairPrompts(pairs, prompts, out_spans)

@@ -41,9 +41,14 @@ intervals (pairs resampled):
 - `tv_source`, `tv_target`: mean total variation of the patched distribution to the source's
   and to the target's (substantive options).
 
-Speed: each prompt's clean forward runs once (recording every site), then patched forwards
-run in batches whose rows each carry an edit at one site (rows of one batch mix sites and
-pairs; an edit only touches its own row) and compute logits at the answer position only.
+Speed: only the prompts in pairs are tokenized and spanned (`workbench.interp.pairs.
+pair_prompts`). Each prompt's clean forward runs once (recording every site, the residual
+stream and the attention keys and values), then patched forwards run in batches of rows that
+each carry an edit at one site (rows of one batch mix sites and pairs; an edit only touches
+its own row). Where `workbench.interp.resume_forward` addresses the model, a patched row
+computes only the blocks from its site's on and the tokens from its first patched token on,
+reading the clean run's keys and values before it (the full patched forward's numbers); else
+(and at `hook_embed`) it runs the full forward. Logits at the answer position only.
 """
 
 from __future__ import annotations
@@ -51,23 +56,24 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from workbench.engine.models import LoadedModel
-from workbench.engine.scoring import _logits
 from workbench.errors import StudyError, WorkbenchError
-from workbench.interp.hooks import Edit, edit_sites, record_sites
-from workbench.interp.pairs import Pair, align, factor_pairs, persona_last_tokens
+from workbench.interp import resume_forward as RF
+from workbench.interp.hooks import Edit, edit_sites
+from workbench.interp.pairs import Pair, align, pair_prompts, persona_last_tokens
 from workbench.interp.patch_tables import POSITIONS, factor_effect, heatmap, summarize
 from workbench.interp.sites import Site, _hf_modules, resolve_sites
 from workbench.runs import PROMPTS, RunFolder
 from workbench.study import prompts as P
-from workbench.study.spans import Span, factor_spans
+from workbench.study.spans import Span
 from workbench.study.spec import Study
 
 DIRECTIONS = ("denoising", "noising")
@@ -163,22 +169,11 @@ def _score(prob: Tensor, reader: _Reader) -> float:
     return float(prob @ reader.values) if reader.values is not None else float("nan")
 
 
-@torch.inference_mode()
 def answer_logprobs(lm: LoadedModel, ids: Sequence[Sequence[int]]) -> Tensor:
     """[row, vocab] float32 full-vocab log-probs after each row's last token, for right-padded
     rows of any lengths (logits at that position only). Edits and recordings of
     `workbench.interp.hooks` apply when called inside their blocks."""
-    pad = lm.tokenizer.pad_token_id or 0
-    width = max(len(r) for r in ids)
-    batch = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, r in enumerate(ids):
-        batch[i, : len(r)] = torch.tensor(list(r))
-        mask[i, : len(r)] = 1
-    out = lm.model.base_model(input_ids=batch.to(lm.device), attention_mask=mask.to(lm.device))
-    last = torch.tensor([len(r) - 1 for r in ids], device=lm.device)
-    hidden = out.last_hidden_state[torch.arange(len(ids), device=lm.device), last]
-    return torch.log_softmax(_logits(lm.model, hidden), dim=-1).cpu()
+    return RF.full_logprobs(lm, ids)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,35 +308,32 @@ def patch_factor(
     config = config or PatchConfig()
     t0 = time.time()
     sites = _check(study, lm, config)
-    prompts = P.render(study, lm.tokenizer)
-    P.validate_for_tokenizer(study, prompts, lm.tokenizer, lm.max_length)
-    pairs = factor_pairs(
+    needs_span = any(p.startswith("span") or p == "all" for p in config.positions)
+    found = pair_prompts(
         study,
-        prompts,
+        lm.tokenizer,
         factor,
         questions=config.questions,
         max_pairs=config.max_pairs,
         seed=config.seed,
+        spans=needs_span,
     )
-    by_id = {p.prompt_id: p for p in prompts}
-    used = sorted({i for pr in pairs for i in (pr.clean, pr.corrupt)})
-    used_prompts = [by_id[i] for i in used]
-    needs_span = any(p.startswith("span") or p == "all" for p in config.positions)
-    spans = (
-        {
-            pid: s
-            for pid, ss in factor_spans(study, prompts, lm.tokenizer, [factor]).items()
-            for s in ss
-        }
-        if needs_span
-        else {}
-    )
+    pairs, by_id, spans = found.pairs, found.prompts, found.spans
+    used_prompts = [by_id[i] for i in sorted(by_id)]
+    P.validate_for_tokenizer(study, used_prompts, lm.tokenizer, lm.max_length)
     persona_last = (
         persona_last_tokens(study, used_prompts, lm.tokenizer)
         if "persona_last" in config.positions
         else {}
     )
-    readers = {p.prompt_id: _reader(study, lm, p) for p in used_prompts}
+    # A reader depends on the question and the option order alone (next-token scoring).
+    by_order: dict[tuple[str, tuple[int, ...]], _Reader] = {}
+    readers = {}
+    for p in used_prompts:
+        k = (p.question_id, p.order)
+        if k not in by_order:
+            by_order[k] = _reader(study, lm, p)
+        readers[p.prompt_id] = by_order[k]
 
     run: RunFolder | None = None
     done: set[int] = set()
@@ -349,7 +341,7 @@ def patch_factor(
         identity = {
             "kind": "patching",
             "study": study.name,
-            "prompts_fingerprint": P.prompts_fingerprint(prompts),
+            "prompts_fingerprint": P.prompts_fingerprint(used_prompts),
             "model": lm.name,
             "dtype": str(lm.dtype),
             "factor": factor,
@@ -373,15 +365,18 @@ def patch_factor(
     )
     collected: dict[str, list[pd.DataFrame]] = {PAIRS: [], PATCHED: []}
     t_patch = time.time()
-    forwards = 0
+    forwards = resumed = 0
     for start in range(0, len(todo), config.chunk_pairs):
         chunk = todo[start : start + config.chunk_pairs]
-        frames, n = _run_chunk(study, lm, chunk, sites, config, by_id, spans, persona_last, readers)
-        forwards += n
+        done_chunk = _run_chunk(
+            study, lm, chunk, sites, config, by_id, spans, persona_last, readers
+        )
+        forwards += done_chunk.forwards
+        resumed += done_chunk.resumed
         if run is not None:
-            run.write_chunk(frames)
+            run.write_chunk(done_chunk.frames)
         else:
-            for name, frame in frames.items():
+            for name, frame in done_chunk.frames.items():
                 collected[name].append(frame)
         bar.update(len(chunk))
     bar.close()
@@ -435,6 +430,7 @@ def patch_factor(
             "pairs": len(pairs),
             "resumed_pairs": len(done),
             "patched_forwards": forwards,
+            "resumed_forwards": resumed,
             "rows": len(patched),
         },
         "timings_s": {"patch": round(t_patch, 3), "total": round(time.time() - t0, 3)},
@@ -462,50 +458,76 @@ def _run_chunk(
     spans: dict[int, Span],
     persona_last: dict[int, int],
     readers: dict[int, _Reader],
-) -> tuple[dict[str, pd.DataFrame], int]:
+) -> _Chunk:
     """Clean forwards of the chunk's prompts (once each), then every patched forward."""
     names = [s.name for s in sites]
     agg = study.scoring.aggregate
     pids = sorted(
         {i for p in chunk for i in (p.clean, p.corrupt)}, key=lambda i: -len(prompts[i].input_ids)
     )
+    n_layers = int(lm.model.config.get_text_config().num_hidden_layers)
+    why_not = RF.resumable(lm.model, max(len(prompts[i].input_ids) for i in pids))
     acts: dict[int, dict[str, Tensor]] = {}
     clean: dict[int, Tensor] = {}
+    states: dict[int, RF.CleanState] = {}
     for b in range(0, len(pids), config.batch_size):
         ids = pids[b : b + config.batch_size]
-        with record_sites(lm, names) as rec:
-            lp = answer_logprobs(lm, [prompts[i].input_ids for i in ids])
+        lp, rec, st = RF.clean_forward(
+            lm, [prompts[i].input_ids for i in ids], names, states=why_not is None
+        )
         for k, i in enumerate(ids):
             n = len(prompts[i].input_ids)
             acts[i] = {name: rec[name][k, :n].cpu() for name in names}
             clean[i] = _distributions(lp[k : k + 1], [readers[i]], agg)[0]
+            if st:
+                states[i] = st[k]
 
     plans = [
         pl
         for pair in chunk
         for pl in _plans(pair, config.directions, config.positions, prompts, spans, persona_last)
     ]
-    rows = [(pl, s) for pl in plans for s in sites]
-    # Rows of similar width and edit size share a batch (less padding, smaller edits).
-    rows.sort(key=lambda r: (len(r[0].tpos), len(prompts[r[0].target].input_ids)))
+    rows = [(pl, s, None if why_not else RF.start(s, n_layers)) for pl in plans for s in sites]
+    # Rows that resume at one block share a batch (full forwards: start -1); rows of similar
+    # width and edit size share a batch (less padding, smaller edits).
+    rows.sort(
+        key=lambda r: (
+            _start_layer(r),
+            len(r[0].tpos),
+            len(prompts[r[0].target].input_ids) - (min(r[0].tpos) if r[2] else 0),
+        )
+    )
     records: list[dict[str, Any]] = []
-    for b in range(0, len(rows), config.batch_size):
-        batch = rows[b : b + config.batch_size]
+    resumed = 0
+    batches = [
+        (layer, grp[i : i + config.batch_size])
+        for layer, grp in ((g, list(rs)) for g, rs in groupby(rows, key=_start_layer))
+        for i in range(0, len(grp), config.batch_size)
+    ]
+    for layer, group in batches:
+        batch = [(pl, s) for pl, s, _ in group]
+        hooked = [st[1] if st else s.name for _, s, st in group]
         k = max(len(pl.tpos) for pl, _ in batch)
         d = next(iter(acts[batch[0][0].target].values())).shape[-1]
         edits: dict[str, Edit] = {}
-        for site in {s.name for _, s in batch}:
+        for site in set(hooked):
             pos = torch.full((len(batch), k), -1, dtype=torch.long)
             val = torch.zeros(len(batch), k, d)
             for r, (pl, s) in enumerate(batch):
-                if s.name == site:
+                if hooked[r] == site:
                     pos[r, : len(pl.tpos)] = torch.tensor(pl.tpos)
                     val[r, : len(pl.tpos)] = _values(
-                        pl, acts[pl.source][site], acts[pl.target][site]
+                        pl, acts[pl.source][s.name], acts[pl.target][s.name]
                     )
             edits[site] = Edit(pos, val, "replace")
-        with edit_sites(lm, edits):
-            lp = answer_logprobs(lm, [prompts[pl.target].input_ids for pl, _ in batch])
+        targets = [pl.target for pl, _ in batch]
+        if layer >= 0:
+            starts = [min(pl.tpos) for pl, _ in batch]
+            lp = RF.resumed_logprobs(lm, [states[t] for t in targets], layer, starts, edits)
+            resumed += len(batch)
+        else:
+            with edit_sites(lm, edits):
+                lp = answer_logprobs(lm, [prompts[t].input_ids for t in targets])
         probs = _distributions(lp, [readers[pl.target] for pl, _ in batch], agg)
         for r, (pl, s) in enumerate(batch):
             reader = readers[pl.target]
@@ -541,4 +563,18 @@ def _run_chunk(
                 "corrupt_span_tokens": sk.token_end - sk.token_start if sk else None,
             }
         )
-    return {PAIRS: pd.DataFrame(pair_rows), PATCHED: pd.DataFrame(records)}, len(pids) + len(rows)
+    frames = {PAIRS: pd.DataFrame(pair_rows), PATCHED: pd.DataFrame(records)}
+    return _Chunk(frames, len(pids) + len(rows), resumed)
+
+
+class _Chunk(NamedTuple):
+    frames: dict[str, pd.DataFrame]
+    forwards: int
+    """Clean forwards plus patched rows."""
+    resumed: int
+    """Patched rows that resumed at their site's block (the rest ran full forwards)."""
+
+
+def _start_layer(row: tuple[_Plan, Site, tuple[int, str] | None]) -> int:
+    """The block a patched row resumes at; -1 for a full forward."""
+    return row[2][0] if row[2] is not None else -1
