@@ -94,6 +94,13 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def cache_root() -> Path:
+    """Where the workbench caches what it builds (organisms, converted GGUF files):
+    $WORKBENCH_CACHE, else ~/.cache/workbench."""
+    env = os.environ.get("WORKBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "workbench"
+
+
 def announce_resume(path: Path, done: int, total: int, unit: str = "prompts") -> None:
     """Say on stderr that a run picks up where it stopped (nothing when starting fresh)."""
     if done:

@@ -1,6 +1,8 @@
-"""Loading causal LMs from a local folder or a hub id, and the TransformerLens bridge over them.
+"""Loading causal LMs from a local folder, a hub id or a GGUF file, and the TransformerLens
+bridge over them.
 
-Conventions: safetensors only (no pickled weights), `trust_remote_code` off unless asked,
+A `.gguf` file is dequantized once into a cached HF folder (`workbench.engine.gguf`); its
+sha256 and quantization type go to the manifest. Conventions: safetensors only (no pickled weights), `trust_remote_code` off unless asked,
 offline mode (`HF_HUB_OFFLINE=1`) honoured with a clear error when a hub id is not cached,
 dtype `auto` = bf16 on CUDA and fp32 on CPU, `device="auto"` = CUDA if present, and
 accelerate's `device_map="auto"` when asked to spread a model over devices.
@@ -9,13 +11,14 @@ accelerate's `device_map="auto"` when asked to spread a model over devices.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from workbench.engine.gguf import gguf_folder, is_gguf
 from workbench.errors import ModelLoadError
 
 DTYPES = {
@@ -41,6 +44,9 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     """Where the inputs go (the first device for a model spread by device_map)."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """Where the weights came from beyond `name` (a GGUF file's sha256 and quantization, a
+    chat template supplied by file); recorded in manifests."""
 
     @property
     def max_length(self) -> int | None:
@@ -64,6 +70,7 @@ class LoadedModel:
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
             "vocab_size": int(self.model.get_output_embeddings().weight.shape[0]),
             "bos_token_id": self.tokenizer.bos_token_id,
+            **self.source,
         }
 
 
@@ -98,14 +105,22 @@ def load_model(
     device_map: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    chat_template: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode.
 
-    `device_map="auto"` hands placement to accelerate (for models larger than one device);
-    otherwise the whole model goes to `device`.
+    `name_or_path`: a HF model folder, a hub id, or a `.gguf` file. `device_map="auto"` hands
+    placement to accelerate (for models larger than one device); otherwise the whole model
+    goes to `device`. `chat_template`: a Jinja chat template file that replaces the
+    tokenizer's (for tokenizers that ship none).
     """
     name = str(name_or_path)
+    source: dict[str, Any] = {}
     local = Path(name).expanduser()
+    if is_gguf(name):
+        folder, info = gguf_folder(local)
+        source["gguf"] = info
+        local = folder
     is_local = local.is_dir()
     if not is_local and (local.exists() or name.startswith((".", "/", "~"))):
         raise ModelLoadError(
@@ -149,8 +164,17 @@ def load_model(
         # Padding positions are masked out, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     input_device = next(model.parameters()).device
+    if chat_template is not None:
+        file = Path(chat_template).expanduser()
+        if not file.is_file():
+            raise ModelLoadError(
+                f"chat template file {str(chat_template)!r} does not exist",
+                fix="give the path of a Jinja chat template file",
+            )
+        tokenizer.chat_template = file.read_text(encoding="utf-8")
+        source["chat_template_file"] = str(file)
     rev = getattr(model.config, "_commit_hash", None) if not is_local else None
-    return LoadedModel(model, tokenizer, name, rev, torch_dtype, input_device)
+    return LoadedModel(model, tokenizer, name, rev, torch_dtype, input_device, source)
 
 
 def _first_line(err: Exception) -> str:

@@ -62,6 +62,7 @@ from workbench.organism.world import (
     study_dict,
     true_distribution,
 )
+from workbench.runs import cache_root
 from workbench.study.spec import Study
 
 if TYPE_CHECKING:
@@ -143,8 +144,7 @@ def organism_config(seed: int = 0, scale: Scale = "default") -> OrganismConfig:
 
 def organism_cache_dir() -> Path:
     """Where cached organisms live: $WORKBENCH_CACHE, else ~/.cache/workbench."""
-    env = os.environ.get("WORKBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "workbench"
+    return cache_root()
 
 
 def write_study(folder: Path, config: OrganismConfig, titles: Titles) -> Path:

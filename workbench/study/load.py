@@ -76,7 +76,7 @@ def parse_study(raw: Any, file: str = "<study>", base_dir: Path | None = None) -
     factors = _parse_factors(ctx, top["factors"])
     scoring = _parse_scoring(ctx, top.get("scoring", {}))
     questions = _parse_questions(ctx, top["questions"], factors)
-    template = _parse_template(ctx, top["template"], factors, scoring)
+    template = _parse_template(ctx, top["template"], factors, scoring, base_dir)
     design = parse_design(ctx, top.get("design", {"kind": "factorial"}), factors)
     orders = _parse_orders(ctx, top.get("orders", {"kind": "canonical"}))
     if orders.kind != "canonical" and not _shows_option_texts(template):
@@ -295,7 +295,7 @@ def _parse_labels(
 
 
 def _parse_template(
-    ctx: Ctx, value: Any, factors: tuple[Factor, ...], scoring: Scoring
+    ctx: Ctx, value: Any, factors: tuple[Factor, ...], scoring: Scoring, base_dir: Path
 ) -> Template:
     spec = ctx.mapping(
         value,
@@ -309,6 +309,7 @@ def _parse_template(
             "prefill",
             "option_line",
             "option_separator",
+            "chat_template",
         ),
     )
     fmt = ctx.choice(spec.get("format", "plain"), "template.format", ("plain", "chat"))
@@ -383,7 +384,25 @@ def _parse_template(
         raise ctx.fail(
             "template.option_separator", "expected text", 'write a quoted string such as "\\n"'
         )
-    return Template(fmt, tuple(persona), prompt, system, user, prefill, option_line, sep)
+    chat_template = None
+    if "chat_template" in spec:
+        if fmt != "chat":
+            raise ctx.fail(
+                "template.chat_template",
+                "only used with `format: chat`",
+                "set `format: chat`, or remove `chat_template`",
+            )
+        file = base_dir / ctx.string(spec["chat_template"], "template.chat_template")
+        if not file.is_file():
+            raise ctx.fail(
+                "template.chat_template",
+                f"no such file {str(file)!r}",
+                "give the path of a Jinja chat template file, relative to the study file",
+            )
+        chat_template = file.read_text(encoding="utf-8")
+    return Template(
+        fmt, tuple(persona), prompt, system, user, prefill, option_line, sep, chat_template
+    )
 
 
 def _parse_orders(ctx: Ctx, value: Any) -> Orders:

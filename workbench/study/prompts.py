@@ -214,14 +214,17 @@ def _render_text(
         messages.append({"role": "system", "content": _fill(t.system, fields)})
     assert t.user is not None
     messages.append({"role": "user", "content": _fill(t.user, fields)})
-    if getattr(tokenizer, "chat_template", None) is None:
+    if t.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise StudyError(
             study.path,
             "template.format",
             "the model's tokenizer has no chat template",
-            "use `format: plain` for base models, or a tokenizer with a chat_template",
+            "give one with `template.chat_template: FILE` (or `--chat-template FILE`), "
+            "or use `format: plain` for base models",
         )
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        messages, chat_template=t.chat_template, tokenize=False, add_generation_prompt=True
+    )
     assert isinstance(rendered, str)
     if t.prefill is not None:
         rendered += _fill(t.prefill, fields)

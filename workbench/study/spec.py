@@ -61,6 +61,9 @@ class Template:
     """`chat`: text the assistant turn starts with (e.g. "Answer: (")."""
     option_line: str
     option_separator: str
+    chat_template: str | None = None
+    """`chat`: a Jinja chat template (the text of `template.chat_template: FILE`) used instead
+    of the tokenizer's own, for tokenizers that ship none (many GGUF files)."""
 
 
 @dataclass(frozen=True)
