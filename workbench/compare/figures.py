@@ -1,8 +1,9 @@
 """Report blocks and figures of a comparison.
 
-`report_blocks(result)` turns a `CompareResult` into report blocks (tables with their 95%
-intervals, three figures: per-question distributions side by side, expected score logits vs
-the others, mismatch by persona).
+`report_blocks(result)` turns a `CompareResult` into report blocks (a warning for each
+sampling run whose answers could not be used, tables with their 95% intervals, three figures:
+per-question distributions side by side, expected score logits vs the others, mismatch by
+persona).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from workbench.report import Block, Figure_, Heading, Table, Text
+from workbench.report import Block, Callout, Figure_, Heading, Table, Text, plural
 from workbench.study.spec import Question
 
 if TYPE_CHECKING:
@@ -24,6 +25,52 @@ FIRST_TOKEN_CAVEAT = (
     "difference is only informative for free text (preambles, chat templates) or other "
     "elicitations; below the sampling floor it is noise."
 )
+
+
+LOW_OK_RATE = 0.5
+"""A sampling run with fewer usable answers than this share gets a warning in the report."""
+
+MAX_PERSONA_ROWS = 30
+"""The mismatch-by-persona chart shows at most this many personas (the extremes)."""
+
+
+def failure_callouts(result: CompareResult) -> list[Block]:
+    """A warning per sampling run that failed entirely (no usable answer: its source is
+    missing from every table and figure) or mostly (under `LOW_OK_RATE` usable)."""
+    out: list[Block] = []
+    for row in result.rates.to_dict("records"):
+        n = int(row["n_samples"])
+        ok = float(row.get("ok_rate", np.nan))
+        if n and np.isfinite(ok) and ok >= LOW_OK_RATE:
+            continue
+        failures = row.get("failures") or ""
+        why = f" (failures: {failures})" if isinstance(failures, str) and failures else ""
+        where = "see `status` and `error` in its `samples.parquet`"
+        name = f"`{row['run']}` ({row['elicitation']})"
+        if not n:
+            out.append(
+                Callout(
+                    f"{name} has no answers at all: it is missing from every table "
+                    f"and figure below; {where}."
+                )
+            )
+        elif not ok:
+            out.append(
+                Callout(
+                    f"{name} failed entirely: none of its {plural(n, 'answer')} could be used"
+                    f"{why}. It has no distribution, so it is missing from every table and figure "
+                    f"below; {where}."
+                )
+            )
+        else:
+            out.append(
+                Callout(
+                    f"{name}: only {plural(round(ok * n), 'answer')} of {n:,} ({ok:.0%}) could "
+                    f"be used{why}; its distributions rest on those alone; {where}.",
+                    "Note",
+                )
+            )
+    return out
 
 
 def _ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
@@ -45,9 +92,21 @@ def _with_ci(frame: pd.DataFrame, cols: list[str], keep: list[str]) -> pd.DataFr
     return out
 
 
-def report_blocks(result: CompareResult, questions: dict[str, Question]) -> list[Block]:
-    """Tables and figures of a comparison (values with bootstrap 95% intervals)."""
+def _counts(values: pd.Series) -> pd.Series:
+    """Counts stored as float because of missing values, shown as integers (blank if missing)."""
+    finite = values.dropna()
+    if len(finite) and (finite == finite.round()).all():
+        return values.astype("Int64")
+    return values
+
+
+def report_blocks(
+    result: CompareResult, questions: dict[str, Question], *, warnings: bool = True
+) -> list[Block]:
+    """Tables and figures of a comparison (values with bootstrap 95% intervals), after
+    `failure_callouts` unless `warnings` is False (a caller that shows them higher up)."""
     blocks: list[Block] = [
+        *(failure_callouts(result) if warnings else []),
         Text(
             "Sources: "
             + "; ".join(f"`{n}` ({k})" for n, k in result.kinds.items())
@@ -80,6 +139,9 @@ def report_blocks(result: CompareResult, questions: dict[str, Question]) -> list
         cols = ["ok_rate", "refusal_rate", "unparseable_rate"]
         rates = result.rates
         table = rates[["run", "elicitation", "n_samples"]].copy()
+        if "failures" in rates.columns:
+            # next to the run's name: a failed run must not hide in the last column
+            table["failures"] = rates["failures"].fillna("")
         for col in cols:
             base = col.removesuffix("_rate")
             table[col] = [
@@ -100,8 +162,6 @@ def report_blocks(result: CompareResult, questions: dict[str, Question]) -> list
                 table[col] = [
                     _ci(v, a, b) for v, a, b in zip(rates[col], rates[lo], rates[hi], strict=True)
                 ]
-        if "failures" in rates.columns:
-            table["failures"] = rates["failures"].fillna("")
         blocks += [
             Heading("Sampling runs: status, preamble and first-token vs text mismatch", 3),
             Table(
@@ -121,6 +181,8 @@ def report_blocks(result: CompareResult, questions: dict[str, Question]) -> list
             ["source", "kind", "n_cells"],
         )
         table = table.rename(columns={"representativeness": "representativeness (1 - nW1)"})
+        if "n_cells" in h.columns:
+            table["n_cells"] = _counts(h["n_cells"])
         for col in (
             "homogenized_share",
             "human_homogenized_share",
@@ -202,50 +264,162 @@ def _figures(result: CompareResult, questions: dict[str, Question]) -> list[Bloc
     ref = result.reference
     ordinal = [q for q in questions.values() if q.values is not None]
     if ref is not None and ordinal:
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        q = ordinal[0]
-        base = _scores(result.sources[ref], q)
-        for name, frame in result.sources.items():
-            if name == ref:
-                continue
-            other = _scores(frame, q)
-            both = base.index.intersection(other.index)
-            if len(both):
-                ax.scatter(base[both], other[both], s=5, alpha=0.5, label=name)
-        lo, hi = min(q.values or (0.0,)), max(q.values or (1.0,))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xlabel(f"expected score, {ref}")
-        ax.set_ylabel("expected score, other source")
-        ax.set_title(q.id, fontsize=10)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        out.append(
-            Figure_(
-                fig,
-                "compare_expected_score",
-                "expected ordinal score per prompt: logits vs each other source",
-            )
-        )
+        out.append(_expected_score_figure(result, ref, ordinal[0]))
     mm = result.mismatch_by_persona
     if len(mm):
-        personas = sorted(mm["persona_id"].astype(str).unique())
-        runs = list(mm["run"].unique())
-        fig, ax = plt.subplots(figsize=(7, 0.3 * len(personas) * max(1, len(runs) / 2) + 1.5))
-        height = 0.8 / len(runs)
-        for i, name in enumerate(runs):
-            grp = mm[mm["run"] == name]
-            grp = grp.set_index(grp["persona_id"].astype(str))
-            y = np.arange(len(personas)) + (i - (len(runs) - 1) / 2) * height
-            ax.barh(y, grp["sample_mismatch"].reindex(personas), height, label=str(name))
-        ax.set_yticks(np.arange(len(personas)), personas)
-        ax.set_xlabel("share of sampled answers differing from the logits' argmax option")
-        ax.tick_params(axis="y", labelsize=6)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        out.append(
-            Figure_(fig, "compare_mismatch_by_persona", "first-token vs text mismatch by persona")
-        )
+        out.append(mismatch_figure(mm))
     return out
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+
+
+def _expected_score_figure(result: CompareResult, ref: str, q: Question) -> Figure_:
+    """One hollow marker shape and size per source, the largest drawn first, so a series that
+    coincides with another (an answer-position estimate equal to the logits) stays visible;
+    the legend names every source, those without data too."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    base = _scores(result.sources[ref], q)
+    others = [n for n in result.sources if n != ref]
+    handles = []
+    for i, name in enumerate(others):
+        other = _scores(result.sources[name], q)
+        both = base.index.intersection(other.index)
+        marker, color = MARKERS[i % len(MARKERS)], f"C{i % 10}"
+        size = max(6.0, 30.0 - 6.0 * i)
+        if len(both):
+            ax.scatter(
+                base[both],
+                other[both],
+                s=size,
+                marker=marker,
+                facecolors="none",
+                edgecolors=color,
+                linewidths=0.7,
+                alpha=0.7,
+                zorder=2 + i,
+            )
+        label = f"{name} ({plural(len(both), 'prompt')})" if len(both) else f"{name}: no data"
+        handles.append(
+            Line2D([], [], ls="", marker=marker, mfc="none", mec=color, ms=6, label=label)
+        )
+    lo, hi = min(q.values or (0.0,)), max(q.values or (1.0,))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, zorder=1)
+    ax.set_xlabel(f"expected score, {ref}")
+    ax.set_ylabel("expected score, other source")
+    ax.set_title(q.id, fontsize=10)
+    ax.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1),
+        borderaxespad=0,
+        frameon=False,
+    )
+    fig.tight_layout()
+    return Figure_(
+        fig,
+        "compare_expected_score",
+        "expected ordinal score per prompt: logits vs each other source (one marker shape "
+        "per source; a source on the diagonal agrees with the logits)",
+    )
+
+
+def short_persona_labels(personas: list[str], width: int = 48) -> tuple[list[str], str]:
+    """Readable labels for `factor=value|...` persona ids: the values only, in factor order,
+    without the factors every persona shares (returned apart, for the axis title), wrapped
+    at `width`. A coarse persona (some factors `*`) shows its set factors as `factor=value`
+    and ends in "(coarse)"."""
+    import textwrap
+
+    parts = [[kv.partition("=") for kv in p.split("|")] for p in personas]
+    same = {
+        j
+        for j in range(min(map(len, parts), default=0))
+        if len({tuple(x[j]) for x in parts}) == 1 and len(personas) > 1
+    }
+    shared = "; ".join(
+        f"{parts[0][j][0]}={parts[0][j][2]}" if parts[0][j][1] else parts[0][j][0]
+        for j in sorted(same)
+    )
+    labels = []
+    for x in parts:
+        kept = [(k, sep, v) for j, (k, sep, v) in enumerate(x) if j not in same]
+        if any(sep and v == "*" for k, sep, v in kept):
+            set_ = [f"{k}={v}" for k, sep, v in kept if sep and v != "*"]
+            text = (", ".join(set_) or "everyone") + " (coarse)"
+        else:
+            text = " · ".join(v if sep else k for k, sep, v in kept) or "(all)"
+        labels.append("\n".join(textwrap.wrap(text, width)) or text)
+    return labels, shared
+
+
+def _factor_order(personas: list[str], shared: str) -> str:
+    """`age · party · region`: the factors of `factor=value|...` persona ids that the labels
+    show (not those in `shared`); "" for ids of another form."""
+    pairs = [kv.partition("=") for kv in personas[0].split("|")] if personas else []
+    if not pairs or not all(sep for _, sep, _ in pairs):
+        return ""
+    gone = {kv.partition("=")[0] for kv in shared.split("; ")}
+    return " · ".join(k for k, _, _ in pairs if k not in gone)
+
+
+def mismatch_figure(mm: pd.DataFrame, max_rows: int = MAX_PERSONA_ROWS) -> Figure_:
+    """Dot plot of the first-token vs text mismatch per persona: one row per persona sorted by
+    its mean over runs, one marker per run; at most `max_rows` rows (the highest and lowest
+    halves), the number left out said in the title. Height grows with the rows."""
+    import matplotlib.pyplot as plt
+
+    mm = mm.assign(persona_id=mm["persona_id"].astype(str))
+    wide = mm.pivot_table(index="persona_id", columns="run", values="sample_mismatch")
+    wide = wide.loc[wide.mean(axis=1).sort_values().index]
+    n_all = len(wide)
+    if n_all > max_rows:
+        half = max_rows // 2
+        wide = pd.concat([wide.iloc[:half], wide.iloc[-half:]])
+    labels, shared = short_persona_labels([str(p) for p in wide.index])
+    lines = sum(lab.count("\n") + 1 for lab in labels)
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.17 * lines + 0.05 * len(labels)))
+    y = np.arange(len(wide))
+    for i, run in enumerate(wide.columns):
+        ax.scatter(
+            wide[run],
+            y,
+            marker=MARKERS[i % len(MARKERS)],
+            s=28,
+            facecolors="none",
+            edgecolors=f"C{i % 10}",
+            linewidths=1.0,
+            label=str(run),
+            zorder=3,
+        )
+    ax.hlines(y, wide.min(axis=1), wide.max(axis=1), color="#bbb", lw=1, zorder=2)
+    if n_all > max_rows:
+        ax.axhline(max_rows // 2 - 0.5, color="k", ls=":", lw=0.8)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_ylim(-0.7, len(wide) - 0.3)
+    ax.grid(axis="x", color="#eee")
+    ax.set_xlabel("share of sampled answers differing from the logits' argmax option")
+    order = _factor_order([str(p) for p in wide.index], shared)
+    if order:
+        ax.set_ylabel(f"persona ({order})", fontsize=8)
+    title = "mismatch by persona, sorted"
+    if n_all > max_rows:
+        title += f" (the {max_rows // 2} lowest and highest of {plural(n_all, 'persona')})"
+    if shared:
+        title += f"\nall personas: {shared}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.tight_layout()
+    return Figure_(
+        fig,
+        "compare_mismatch_by_persona",
+        "first-token vs text mismatch by persona, one row per persona (its factor values; "
+        "a coarse persona leaves some factors unspecified), sorted by the mean over runs",
+    )
 
 
 def _scores(frame: pd.DataFrame, question: Question) -> pd.Series:

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from workbench.compare import metrics as M
-from workbench.compare.figures import report_blocks
-from workbench.report import Block, Figure_, Heading, Table, Text
+from workbench.compare.figures import failure_callouts, report_blocks
+from workbench.report import Block, Figure_, Heading, Table, Text, plural
 
 if TYPE_CHECKING:
     from workbench.compare.comparison import CompareResult
@@ -96,13 +96,16 @@ def demo_blocks(
     blocks: list[Block] = [
         Text(
             f"The organism's study restricted to the held-out title `{held}` "
-            f"({len(sampled.prompts)} prompts), sampled at temperature 1 with N = {n} answers per "
+            f"({plural(len(sampled.prompts), 'prompt')}), sampled at temperature 1 with N = {n} "
+            "answers per "
             'prompt: `sampled` (free text: the planted preamble "Sure! I\'d give it a 4." '
             "appears), `constrained` (the first token drawn among the option labels only: "
-            f"guided choice), `verbalized` ({n_verbalized} samples of {len(verbal.cells)} cells "
+            f"guided choice), `verbalized` ({plural(n_verbalized, 'sample')} of "
+            f"{plural(len(verbal.cells), 'cell')} "
             "asking for a JSON object of percentages). **`truth.parquet` stands in for human "
             "data**: it is the planted truth, not a survey."
         ),
+        *failure_callouts(result),
         Heading("Checks against what was planted", 3),
         Table(
             checks,
@@ -116,7 +119,9 @@ def demo_blocks(
             "n samples per prompt (20 random subsets each)."
         ),
         Table(
-            curve.pivot_table(index="n", columns="estimator", values="mean_tv").reset_index(),
+            curve.pivot_table(index="n", columns="estimator", values="mean_tv")
+            .reset_index()
+            .rename_axis(columns=None),
             "mean TV to the exact distribution",
             4,
         ),
@@ -127,7 +132,7 @@ def demo_blocks(
         ),
         _curve_figure(curve),
         Heading("The comparison (`workbench compare`)", 3),
-        *report_blocks(result, questions),
+        *report_blocks(result, questions, warnings=False),
         Text(
             f"Run folders: `{out}/logits`, `{out}/sampled`, `{out}/constrained`, `{out}/verbalized`; comparison tables and its own report: `{out}/compare`."
         ),
@@ -256,7 +261,7 @@ def organism_checks(
         (
             "structural-consistency gap of the truth itself (max TV)",
             float(gaps.max()) if len(gaps) else float("nan"),
-            f"{len(gaps)} coarse groups",
+            plural(len(gaps), "coarse group"),
             "0 (law of total probability)",
             bool(len(gaps)) and float(gaps.max()) < 1e-9,
         )

@@ -22,7 +22,7 @@ from workbench.measure.distributions import (
     compute_distributions,
 )
 from workbench.organism.build import TRUTH_FILE, attach_truth, build_organism, organism_quality
-from workbench.report import Block, Figure_, Heading, Table, Text, write_report
+from workbench.report import Block, Figure_, Heading, Table, Text, plural, write_report
 from workbench.study.load import load_study, parse_study
 from workbench.study.spec import Study
 
@@ -136,7 +136,7 @@ def _quality_table(q: object) -> Table:
     ]
     return Table(
         pd.DataFrame(rows, columns=["measure", "value", "target"]),
-        f"{q.n_prompts} prompts against truth.parquet",
+        f"{plural(q.n_prompts, 'prompt')} against truth.parquet",
     )
 
 
@@ -205,15 +205,27 @@ def _expected_figure(main: DistributionResult, truth: pd.DataFrame) -> Figure_:
     )
     fig, ax = plt.subplots(figsize=(5, 4.5))
     held = per["held"].fillna(False).astype(bool)
+    # held-out titles as hollow circles, training titles as small dots drawn on top of them:
+    # where the two coincide both stay visible
+    ax.scatter(
+        per.loc[held, "true_score"],
+        per.loc[held, "score"],
+        s=24,
+        marker="o",
+        facecolors="none",
+        edgecolors="C1",
+        linewidths=0.7,
+        zorder=2,
+        label=f"held-out titles ({plural(int(held.sum()), 'prompt')})",
+    )
     ax.scatter(
         per.loc[~held, "true_score"],
         per.loc[~held, "score"],
-        s=4,
-        alpha=0.4,
-        label="training titles",
-    )
-    ax.scatter(
-        per.loc[held, "true_score"], per.loc[held, "score"], s=4, alpha=0.4, label="held-out titles"
+        s=5,
+        color="C0",
+        lw=0,
+        zorder=3,
+        label=f"training titles ({plural(int((~held).sum()), 'prompt')})",
     )
     lo, hi = 1, 5
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
@@ -229,7 +241,9 @@ def _bias_figure(orders: DistributionResult) -> Figure_:
 
     bias = orders.position_bias
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(bias["position"] + 1, bias["mean_prob"])
+    positions = bias["position"].to_numpy() + 1
+    ax.bar(positions, bias["mean_prob"])
+    ax.set_xticks(positions)  # displayed positions are whole numbers, never 1.5
     ax.axhline(float(bias["uniform"].iloc[0]), color="k", ls="--", lw=0.8, label="uniform 1/K")
     ax.set_xlabel("displayed position")
     ax.set_ylabel("mean probability")
@@ -245,10 +259,20 @@ def _mass_figure(main: DistributionResult) -> Figure_:
 
     stats = main.prompt_stats.merge(main.prompts[["prompt_id", "question_id"]], on="prompt_id")
     fig, ax = plt.subplots(figsize=(6, 3))
-    for qid, grp in stats.groupby("question_id"):
-        ax.hist(grp["option_mass"], bins=40, range=(0, 1), alpha=0.6, label=str(qid))
+    # shares, not counts, and outlines: a question with few prompts is not flattened or hidden
+    for i, (qid, grp) in enumerate(stats.groupby("question_id")):
+        ax.hist(
+            grp["option_mass"],
+            bins=40,
+            range=(0, 1),
+            weights=np.full(len(grp), 1 / len(grp)),
+            histtype="step",
+            lw=1.5,
+            ls=("-", "--", ":", "-.")[i % 4],
+            label=f"{qid} ({plural(len(grp), 'prompt')})",
+        )
     ax.set_xlabel("option mass (raw probability on all option tokens)")
-    ax.set_ylabel("prompts")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("share of the question's prompts")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return Figure_(fig, "option_mass", "option mass per prompt")

@@ -413,40 +413,54 @@ def _write(
 
 
 def accuracy_figure(probes: pd.DataFrame) -> Figure:
-    """Metric by layer per target: one line per position (residual stream: hook_embed is
-    layer -1), solid = probe, dashed = control task, dotted = shuffled labels."""
+    """Metric by layer per target: one colour and marker per position (residual stream:
+    hook_embed is layer -1), solid = probe, dashed = control task, dotted = shuffled labels.
+    Markers are hollow and shrink per position, so curves that coincide (two positions both
+    at 1.0) stay visible; each panel's legend sits under it, off the curves."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     targets = list(dict.fromkeys(probes["target"]))
     cols = min(3, len(targets))
     nrows = (len(targets) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.9 * nrows), squeeze=False)
     styles = {"none": "-", "control_task": "--", "shuffled": ":"}
+    markers = ("o", "s", "^", "D", "v", "P")
     for ax, target in zip(axes.ravel(), targets, strict=False):
         sub = probes[probes["target"] == target]
         family = np.where(sub["site_kind"].isin(RESIDUAL_KINDS), "resid", sub["site_kind"])
         sub = sub.assign(family=family)
-        colors: dict[str, Any] = {}
+        seen: dict[str, int] = {}
         for (fam, pos, control), grp in sub.groupby(["family", "position_label", "control"]):
             label = f"{pos}" if fam == "resid" else f"{fam} {pos}"
-            color = colors.setdefault(label, f"C{len(colors) % 10}")
+            i = seen.setdefault(label, len(seen))
             grp = grp.sort_values("layer")
+            probe = control == "none"
             ax.plot(
                 grp["layer"],
                 grp["mean"],
                 styles.get(str(control), "-"),
-                color=color,
-                marker="o" if control == "none" else None,
-                ms=3,
-                label=label if control == "none" else None,
+                color=f"C{i % 10}",
+                marker=markers[i % len(markers)] if probe else None,
+                ms=max(3.0, 7.0 - 1.5 * i),
+                mfc="none",
+                lw=1.2 if probe else 0.9,
+                label=label if probe else None,
             )
         metric = str(sub["metric"].iloc[0])
         ax.set_title(f"{target} ({metric})", fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer (-1 = embeddings)")
-        ax.set_ylim(min(0.0, float(sub["mean"].min())) if metric == "r2" else 0.0, 1.02)
-        ax.legend(fontsize=7)
+        # headroom above 1.0: markers of a perfect probe are not cut in half
+        ax.set_ylim(min(0.0, float(sub["mean"].min())) if metric == "r2" else 0.0, 1.08)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(
+                fontsize=7,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.2),
+                ncol=min(3, len(seen)),
+                frameon=False,
+            )
     for ax in axes.ravel()[len(targets) :]:
         ax.axis("off")
     fig.suptitle("Probe metric by layer (solid: probe, dashed: control task, dotted: shuffled)")
