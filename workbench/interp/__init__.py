@@ -1,6 +1,7 @@
 """Interpretability: activations at named sites, probes, and what they say about the answer."""
 
 from workbench.interp.activations import ActivationConfig, ActivationStore, capture_activations
+from workbench.interp.effects import EffectsConfig, EffectsResult, compute_effects
 from workbench.interp.hooks import Edit, edit_sites, record_sites
 from workbench.interp.pairs import Pair, factor_pairs
 from workbench.interp.patching import PatchConfig, PatchResult, patch_factor
@@ -12,6 +13,8 @@ __all__ = [
     "ActivationConfig",
     "ActivationStore",
     "Edit",
+    "EffectsConfig",
+    "EffectsResult",
     "Pair",
     "PatchConfig",
     "PatchResult",
@@ -20,6 +23,7 @@ __all__ = [
     "ProbeSpec",
     "Site",
     "capture_activations",
+    "compute_effects",
     "edit_sites",
     "factor_pairs",
     "load_probe_study",
