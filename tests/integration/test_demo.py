@@ -5,12 +5,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from workbench.cli import main
 
 
-def test_demo_writes_a_standalone_report(small_organism: Path, tmp_path: Path) -> None:
+def test_demo_writes_a_standalone_report(
+    small_organism: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--scale", "small"]) == 0
+    # every stage announces itself, in order, before it runs
+    stages = re.findall(r"\[demo (\d)/(\d)\]", capsys.readouterr().err)
+    assert [int(n) for n, _ in stages] == list(range(1, int(stages[0][1]) + 1))
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     for heading in (
@@ -20,6 +27,7 @@ def test_demo_writes_a_standalone_report(small_organism: Path, tmp_path: Path) -
         "Option mass",
         "Sampled and verbalized",
         "Probes",
+        "What drives the answer",
     ):
         assert heading.lower() in md.lower(), heading
         assert heading.lower() in html.lower(), heading

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from workbench.demo.causal_section import demo_blocks as causal_blocks
 from workbench.demo.elicitation import demo_blocks as elicitation_blocks
 from workbench.demo.probe_section import demo_blocks as probe_blocks
 from workbench.engine.models import load_model
@@ -56,12 +59,23 @@ def run_demo(
     # can slow its matrix products tenfold (measured).
     torch.set_num_threads(1)
     out = Path(out)
+    stage = _Stages(progress)
+    stage("the model organism (built once, then reused from the cache)")
     folder = build_organism(seed=seed, scale=scale, progress=progress)  # type: ignore[arg-type]
     study = load_study(folder / "study.yaml")
     lm = load_model(folder / "model", dtype="auto", device=device)
     config = DistributionConfig(progress=progress)
+    stage("logit answer distributions of every prompt")
     main = compute_distributions(study, lm, out / "distributions", config)
+    stage("option orders and position bias")
     orders = compute_distributions(_orders_study(study, folder), lm, out / "orders", config)
+    stage("sampled, constrained and verbalized answers; comparison with the truth")
+    sampling = elicitation_blocks(folder, out / "sampling", lm)
+    stage("activations and probes")
+    probing = probe_blocks(folder, out / "probing", lm, main)
+    stage("what drives the rating: effects and activation patching")
+    causal = causal_blocks(study, lm, main, out / "causal", progress=progress)
+    stage("the report")
     quality = organism_quality(folder, main.prompts, main.distributions, main.prompt_stats)
     truth = pd.read_parquet(folder / TRUTH_FILE)
     spec = json.loads((folder / "organism.json").read_text())
@@ -110,16 +124,41 @@ def run_demo(
         ),
         _mass_figure(main),
         Heading("5. Sampled and verbalized answers, and human-survey metrics"),
-        *elicitation_blocks(folder, out / "sampling", lm),
+        *sampling,
         Heading("6. Probes: decodable vs drives the answer"),
-        *probe_blocks(folder, out / "probing", lm, main),
+        *probing,
+        Heading("7. What drives the answer, and where it acts"),
+        *causal,
         Heading("Run folders"),
         Text(
             f"`{out / 'distributions'}` and `{out / 'orders'}`: prompts, distributions, variants, prompt_stats, adjusted, position_bias (parquet) and manifest.json."
         ),
     ]
     html_path, _ = write_report(out, "workbench demo: the model organism", blocks)
+    stage.done(html_path)
     return html_path
+
+
+class _Stages:
+    """Announces each demo stage on stderr with the time since the demo started."""
+
+    TOTAL = 7
+
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+        self.n = 0
+        self.t0 = time.time()
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        self._say(f"[demo {self.n}/{self.TOTAL}] {what}")
+
+    def done(self, path: Path) -> None:
+        self._say(f"[demo] done: {path}")
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(f"{text} ({time.time() - self.t0:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _quality_table(q: object) -> Table:

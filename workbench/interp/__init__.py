@@ -1,7 +1,8 @@
 """Interpretability: activations at named sites, probes, and what they say about the answer."""
 
 from workbench.interp.activations import ActivationConfig, ActivationStore, capture_activations
-from workbench.interp.effects import EffectsConfig, EffectsResult, compute_effects
+from workbench.interp.attribution import AttributionConfig, AttributionResult, attribute
+from workbench.interp.effects import EffectsConfig, compute_effects
 from workbench.interp.hooks import Edit, edit_sites, record_sites
 from workbench.interp.pairs import Pair, factor_pairs
 from workbench.interp.patching import PatchConfig, PatchResult, patch_factor
@@ -12,9 +13,10 @@ from workbench.interp.sites import Site, resolve_sites
 __all__ = [
     "ActivationConfig",
     "ActivationStore",
+    "AttributionConfig",
+    "AttributionResult",
     "Edit",
     "EffectsConfig",
-    "EffectsResult",
     "Pair",
     "PatchConfig",
     "PatchResult",
@@ -22,6 +24,7 @@ __all__ = [
     "ProbeResult",
     "ProbeSpec",
     "Site",
+    "attribute",
     "capture_activations",
     "compute_effects",
     "edit_sites",

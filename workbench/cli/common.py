@@ -1,0 +1,97 @@
+"""What every command shares: the model options, loading the model they name, the output
+folder check, list options and the help format."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workbench.engine.models import LoadedModel
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local model folder, hub id or .gguf file")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template for a tokenizer that has none (many GGUF files)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch CPU threads: auto (the fastest of 1, half, all cores, measured), "
+        "default (torch's), or a count",
+    )
+    p.add_argument(
+        "--device-map", default=None, help="'auto' spreads a large model over devices (accelerate)"
+    )
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own code (off by default)",
+    )
+
+
+def check_out(args: argparse.Namespace, kind: str, study_name: str) -> None:
+    """Refuse an --out folder holding another run before the model loads (seconds to minutes)."""
+    from workbench.runs import check_out_dir
+
+    expected = {"kind": kind, "study": study_name, "model": args.model}
+    check_out_dir(args.out, expected, overwrite=getattr(args, "overwrite", False))
+
+
+def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
+    """The model named by the options `add_model_args` defines."""
+    from workbench.engine.models import load_model, resolve_device
+    from workbench.engine.threads import choose_threads
+
+    threads = choose_threads(args.threads, resolve_device(args.device))
+    lm = load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        chat_template=args.chat_template,
+    )
+    lm.source["torch_threads"] = threads
+    return lm
+
+
+def split_list(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it has one (not for flags or required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and not action.required
+            and default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """`--help` shows every option's default (nested subcommands too)."""
+    parser.formatter_class = DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                show_defaults(child)
