@@ -386,3 +386,35 @@ def test_pair_prompts_are_the_full_renderings(organism: tuple[Any, LoadedModel])
     for pid, prompt in found.prompts.items():
         assert prompt == prompts[pid]
         assert [found.spans[pid]] == spans[pid]
+
+
+def test_one_batch_mixes_questions_with_different_options(
+    organism: tuple[Any, LoadedModel],
+) -> None:
+    """Party pairs (coarse personas) exist for the rating (5 options) and the attitude item
+    (3 options + a refusal option): rows of both share a batch and each must be read with its
+    own options, exactly as when every row is a batch of its own."""
+    study, lm = organism
+    # All 3 attitude pairs and a few rating pairs: a study restricted to some rating cells.
+    keep = [c for c in study.cells if c.get("actor") == "Mara Quinlan"]
+    study = dataclasses.replace(study, cells=tuple(keep))
+    config = PT.PatchConfig(
+        sites=("blocks.0.hook_resid_post",),
+        positions=("answer",),
+        directions=("denoising",),
+        n_boot=10,
+        batch_size=64,
+        progress=False,
+    )
+    mixed = PT.patch_factor(study, lm, "party", None, config).patched
+    single = PT.patch_factor(
+        study, lm, "party", None, dataclasses.replace(config, batch_size=1)
+    ).patched
+    assert set(mixed["question_id"]) == {"rating", "cinema_funding"}
+    key = ["pair_id", "question_id", "site", "position", "direction"]
+    merged = mixed.merge(single, on=key, suffixes=("", "_single"))
+    assert len(merged) == len(mixed) == len(single)
+    for col in ("patched_score", "tv_source", "tv_target"):
+        if col in mixed.columns:
+            diff = (merged[col] - merged[f"{col}_single"]).abs().max()
+            assert diff < 1e-5 or pd.isna(diff), col

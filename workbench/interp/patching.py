@@ -156,13 +156,24 @@ def _reader(study: Study, lm: LoadedModel, prompt: P.Prompt) -> _Reader:
     return _Reader(ids, ~refusal, values)
 
 
-def _distributions(logprobs: Tensor, readers: Sequence[_Reader], aggregate: str) -> Tensor:
-    """[row, substantive option] float64 from full-vocab float32 log-probs [row, vocab]."""
-    ids = torch.stack([r.ids for r in readers])
-    lp = logprobs.gather(1, ids.flatten(1)).view(ids.shape).double()
-    agg = lp.logsumexp(-1) if aggregate == "sum" else lp.amax(-1)
-    sub = agg[:, readers[0].substantive]
-    return torch.softmax(sub, dim=-1)
+def _distributions(logprobs: Tensor, readers: Sequence[_Reader], aggregate: str) -> list[Tensor]:
+    """Each row's substantive-option distribution (float64) from full-vocab float32 log-probs
+    [row, vocab]. Rows of one batch may belong to questions with different options (or
+    refusal layouts), so rows are read in groups that share a reader."""
+    out: list[Tensor] = [torch.empty(0)] * len(readers)
+    groups: dict[int, list[int]] = {}
+    for row, reader in enumerate(readers):
+        groups.setdefault(id(reader), []).append(row)
+    for rows in groups.values():
+        reader = readers[rows[0]]
+        index = torch.tensor(rows)
+        ids = reader.ids.expand(len(rows), *reader.ids.shape)
+        lp = logprobs[index].gather(1, ids.flatten(1)).view(ids.shape).double()
+        agg = lp.logsumexp(-1) if aggregate == "sum" else lp.amax(-1)
+        probs = torch.softmax(agg[:, reader.substantive], dim=-1)
+        for j, row in enumerate(rows):
+            out[row] = probs[j]
+    return out
 
 
 def _score(prob: Tensor, reader: _Reader) -> float:
