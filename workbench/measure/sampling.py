@@ -15,8 +15,9 @@ uninterrupted one would.
 
 **Answer-position distributions (Rao-Blackwellization).** For every sample whose text reaches
 its answer, the exact option distribution at the answer's token is read by teacher forcing
-(from the decoding step itself when the answer starts at a token boundary, else by an
-explicit forward; see `workbench.measure.decoding`). Per sample we store the sampling distribution at the slot (temperature and top-p applied,
+(from the decoding step itself when the answer, or its one-token continuation, is a candidate
+token; else by batched forwards that continue the wave's prompt cache; see
+`workbench.measure.answer_position`). Per sample we store the sampling distribution at the slot (temperature and top-p applied,
 renormalized over the options of the kind of surface the answer used) and the raw
 temperature-1 option log-probs. Their mean over samples estimates the sampled answer
 distribution without bias: conditional on the prefix and on an option being written at this
@@ -51,6 +52,7 @@ from tqdm.auto import tqdm
 
 from workbench.engine.models import LoadedModel
 from workbench.errors import WorkbenchError
+from workbench.measure import answer_position as A
 from workbench.measure import decoding as D
 from workbench.measure.answers import REFUSAL_PHRASES, Parsed, Verbalized, verbalized_example
 from workbench.runs import PROMPTS, RunFolder, announce_resume
@@ -75,7 +77,8 @@ class SamplingConfig:
     """Default: 24 for answers, 160 for verbalized JSON."""
     seed: int = 0
     batch_rows: int = 2048
-    """Decoding rows per wave (prompts per wave = max(1, batch_rows // n))."""
+    """Decoding rows per wave (prompts per wave = max(1, batch_rows // n), fewer when the
+    wave's KV cache would exceed `decoding.WAVE_CACHE_BYTES`; the manifest records it)."""
     constrain: bool = False
     """Guided choice: the first token is drawn among the options' single-token label forms
     only. At temperature 1 its distribution is then exactly the logit distribution."""
@@ -303,7 +306,7 @@ def sampled_distributions(
 
 
 def conventions(
-    study: Study, config: SamplingConfig, verbalized: bool, max_new: int
+    study: Study, config: SamplingConfig, verbalized: bool, max_new: int, per_wave: int = 0
 ) -> dict[str, Any]:
     """Every convention of a sampling run, spelled out for the manifest."""
     return {
@@ -313,6 +316,9 @@ def conventions(
         "temperature": config.temperature,
         "top_p": config.top_p,
         "max_new_tokens": max_new,
+        "prompts_per_wave": per_wave,
+        "wave_rule": "batch_rows // n, lowered so a wave's KV cache stays under "
+        f"{D.WAVE_CACHE_BYTES >> 20} MiB",
         "constrained_first_token": config.constrain,
         "stop": "EOS, max_new_tokens, or the first final parse (answer followed by a character)",
         "parser": {
@@ -366,7 +372,7 @@ def compute_samples(
     plans = D.plan_prompts(run_study, prompts, lm.tokenizer, config.constrain)
     prompts_df = P.prompts_frame(run_study, prompts)
     eos = D.eos_ids(lm)
-    per_wave = max(1, config.batch_rows // config.n)
+    per_wave = D.prompts_per_wave(lm, plans, config.n, config.batch_rows, max_new)
     waves = [plans[i : i + per_wave] for i in range(0, len(plans), per_wave)]
     waves_per_chunk = max(1, math.ceil(config.chunk_prompts / per_wave))
     chunks = [waves[i : i + waves_per_chunk] for i in range(0, len(waves), waves_per_chunk)]
@@ -406,10 +412,11 @@ def compute_samples(
         for wave in chunk:
             finished, records = D.run_wave(lm, wave, config, max_new, verbalized, eos)
             slots = (
-                D.answer_positions(lm, wave, finished, records, config)
+                A.answer_positions(lm, wave, finished, records, config)
                 if config.answer_position and not verbalized
                 else None
             )
+            del records  # the wave's prompt cache: free it before the next prefill
             rows += _sample_rows(wave, finished, slots, config.n, verbalized)
             bar.update(len(wave))
         frame = samples_frame(rows, verbalized)
@@ -433,7 +440,7 @@ def compute_samples(
         "kind": "sampling",
         "elicitation": "verbalized" if verbalized else "answer",
         "study": {"name": study.name, "path": study.path, "definition": dict(run_study.raw)},
-        "conventions": conventions(study, config, verbalized, max_new),
+        "conventions": conventions(study, config, verbalized, max_new, per_wave),
         "config": asdict(config),
         "model": lm.describe(),
         "seed": config.seed,
