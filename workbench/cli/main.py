@@ -9,6 +9,8 @@ workbench activations STUDY.yaml --model MODEL --sites SITES --positions POSITIO
 workbench probe ACTIVATIONS_DIR (--study PROBES.yaml | --target T ...) [--distributions DIR]
 workbench patch STUDY.yaml --model MODEL --factor F [--sites S] [--positions P] --out DIR
 workbench attribute STUDY.yaml --model MODEL --method atp|ig [--factor F,...] --out DIR
+workbench steer STUDY.yaml --model MODEL --directions PROBE_DIR --probe T[:CLASS] --site S --out DIR
+workbench mediate STUDY.yaml --model MODEL --directions PROBE_DIR --factor F --site S --out DIR
 workbench organism build [--out DIR] [--seed S] [--scale small|default]
 workbench demo [--out DIR]
 
@@ -24,7 +26,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from workbench.cli import interp, measure
+from workbench.cli import interp, measure, steering
 from workbench.cli.common import show_defaults
 from workbench.errors import WorkbenchError
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure.register(sub)
     interp.register(sub)
+    steering.register(sub)
 
     p = sub.add_parser("organism", help="the planted-trait model organism")
     osub = p.add_subparsers(dest="organism_command", required=True)
