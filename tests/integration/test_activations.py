@@ -271,7 +271,7 @@ def test_cli_activations_and_bad_sites(
     args = ["activations", str(study), "--model", str(tiny_llama_dir), "--quiet"]
     code = main([*args, "--sites", "blocks.9.hook_resid_post", "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
-    assert code == 1 and "matches no site" in err and "fix:" in err and "Traceback" not in err
+    assert code == 2 and "matches no site" in err and "fix:" in err and "Traceback" not in err
     out = tmp_path / "b"
     code = main(
         [*args, "--sites", "blocks.*.hook_mlp_out", "--positions", "answer", "--out", str(out)]
