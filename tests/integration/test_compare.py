@@ -139,7 +139,14 @@ def test_truth_as_human_data(result: CompareResult, small_organism: Path) -> Non
     for _, g in rating.groupby("key"):
         q = g.sort_values("option_id")["prob"].to_numpy()
         scores.append(1 - wasserstein_distance([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [0.2] * 5, q) / 4)
-    assert human.loc["uniform", "representativeness"] == pytest.approx(np.mean(scores))
+    # cinema_funding has no ordinal values: nominal, so 1 - TV (never W1)
+    nominal = cells[cells["question_id"] == "cinema_funding"]
+    tv_scores = [
+        1 - 0.5 * np.abs(g["prob"].to_numpy() - 1 / 3).sum() for _, g in nominal.groupby("key")
+    ]
+    expected = np.mean([np.mean(scores), np.mean(tv_scores)])
+    assert human.loc["uniform", "representativeness"] == pytest.approx(expected)
+    assert human.loc["uniform", "n_nominal_questions"] == 1
     assert len(truth) > len(rating)  # only the cells the runs asked are compared
 
 

@@ -157,7 +157,11 @@ def test_structural_gap_of_respondent_data_is_zero(tmp_path: Path, study: Study)
 @pytest.mark.parametrize(
     ("frame", "field", "fix"),
     [
-        ({"question_id": ["nope"], "option_id": [0], "prob": [1.0]}, "question_id", "use one of"),
+        (
+            {"question_id": ["nope"], "option_id": [0], "prob": [1.0]},
+            "question_id",
+            "study's question ids",
+        ),
         (
             {"question_id": ["economy"], "option": ["Great"], "prob": [1.0]},
             "option",

@@ -80,8 +80,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         human_prob_column=args.human_prob_column,
         human_label=args.human_label,
     )
+    if not args.runs and not (args.human and args.study):
+        raise WorkbenchError(
+            "nothing to compare",
+            fix="pass RUN_DIR..., or --human FILE --study STUDY to describe human data alone",
+        )
     study = load_study(args.study) if args.study else None
     result = compare(args.runs, args.human, args.out, config, names=args.names, study=study)
+    if len(result.coverage):
+        from workbench.compare.coverage import summary_lines
+
+        print("human data coverage:\n  " + "\n  ".join(summary_lines(result.coverage)))
     print(
         f"compared {len(result.sources)} sources"
         + (" with human data" if args.human else "")
@@ -91,7 +100,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from workbench.study.load import load_study
+    from workbench.study.load import load_study, nominal_notes
 
     study = load_study(args.study)
     counts = (
@@ -101,6 +110,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
     listed = ", ".join(f"{n:,} {word}{'' if n == 1 else 's'}" for n, word in counts)
     print(f"{args.study}: ok: {listed}, orders={study.orders.kind}, scoring={study.scoring.method}")
+    for note in nominal_notes(study):
+        print(f"  note: {note}")
     return 0
 
 
@@ -155,7 +166,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("compare", help="compare run folders with each other and human data")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    p.add_argument(
+        "runs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="finished run folders (none: --human and --study describe human data alone)",
+    )
     p.add_argument("--human", default=None, help="human data (CSV, parquet, JSONL; see README)")
     p.add_argument("--out", required=True, help="output folder (tables, figures, report)")
     p.add_argument(

@@ -38,10 +38,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workbench.compare import dense as D
 from workbench.compare import metrics as M
 from workbench.compare import survey as U
+from workbench.compare.coverage import coverage_table
 from workbench.compare.figures import report_blocks
+from workbench.compare.groups import group_tables
 from workbench.compare.human import load_human
+from workbench.compare.rates import sampling_rates
 from workbench.errors import WorkbenchError
 from workbench.report import write_report
 from workbench.runs import MANIFEST, PROMPTS, git_hash, versions, write_json
@@ -58,6 +62,10 @@ TABLES = (
     "human",
     "structural",
     "mismatch_by_persona",
+    "groups",
+    "group_questions",
+    "human_pairs",
+    "coverage",
 )
 
 
@@ -77,6 +85,8 @@ class CompareConfig:
     human_prob_column: str = "prob"
     human_label: str = "human"
     """The human source's name in tables (the demo: "truth (stands in for human data)")."""
+    group_floor_sims: int = 50
+    """Resamples per human group cell for its sampling floor (`dense.floor_distances`)."""
 
 
 @dataclass
@@ -114,6 +124,12 @@ class CompareResult:
     human: pd.DataFrame
     structural: pd.DataFrame
     mismatch_by_persona: pd.DataFrame
+    groups: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """Per source and group (`workbench.compare.groups`), with "(average)" and "(worst)"."""
+    group_questions: pd.DataFrame = field(default_factory=pd.DataFrame)
+    human_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    coverage: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """What the human file covers of the cells asked (`workbench.compare.coverage`)."""
     manifest: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
 
@@ -241,162 +257,96 @@ class _Pairs:
 def _pair(
     source: pd.DataFrame,
     reference: pd.DataFrame,
-    questions: dict[str, Question],
+    qt: D.QuestionTable,
     config: CompareConfig,
     with_floor: bool,
 ) -> _Pairs:
-    """Per shared key: tv, js, kl_bits (reference ‖ source), nw1, n and the sampling floor."""
-    frames: list[pd.DataFrame] = []
+    """Per shared key: tv, js, kl_bits (reference ‖ source), nw1 (NaN for nominal questions),
+    distance (nw1, or tv for nominal questions) and its metric, n and the sampling floor."""
+    keys, p, q, qidx = D.align(D.to_dense(source, qt), D.to_dense(reference, qt))
+    if not len(keys):
+        return _Pairs(pd.DataFrame(), {})
+    first = source.groupby("key")[["persona_id", "n"]].first().reindex(keys)
+    d = D.distances(p, q, qidx, qt)
+    frame = pd.DataFrame(
+        {
+            "key": keys,
+            "question_id": np.asarray(qt.ids, dtype=object)[qidx],
+            "persona_id": first["persona_id"].to_numpy(),
+            "tv": d.tv,
+            "js": d.js,
+            "kl_bits": D.kl_bits(q, p, qidx, qt, config.smoothing),
+            "nw1": d.nw1,
+            "distance": d.distance,
+            "metric": d.metric,
+            "n": first["n"].to_numpy(dtype=float),
+            "floor": np.nan,
+        }
+    )
     sims: dict[str, np.ndarray] = {}
-    for qid, question in questions.items():
-        src = source[source["question_id"] == qid]
-        ref = reference[reference["question_id"] == qid]
-        keys = sorted(set(src["key"]) & set(ref["key"]))
-        if not keys:
-            continue
-        k = len(question.options)
-        p, q = U.matrix(src, keys, k), U.matrix(ref, keys, k)
-        first = src.groupby("key")[["persona_id", "n"]].first().reindex(keys)
-        frame = pd.DataFrame(
-            {
-                "key": keys,
-                "question_id": qid,
-                "persona_id": first["persona_id"].to_numpy(),
-                "tv": M.total_variation(p, q),
-                "js": M.js_distance(p, q),
-                "kl_bits": M.kl_bits(q, p, config.smoothing),
-                "nw1": M.normalized_w1(p, q, question.values) if question.values else np.nan,
-                "n": first["n"].to_numpy(dtype=float),
-                "floor": np.nan,
-            }
-        )
-        sizes = np.nan_to_num(frame["n"].to_numpy(), nan=0).astype(int)
-        if with_floor and (sizes > 0).any():
+    sizes = np.nan_to_num(frame["n"].to_numpy(), nan=0).astype(int)
+    if with_floor and (sizes > 0).any():
+        floor = np.full(len(frame), np.nan)
+        for qi in np.unique(qidx):
+            rows = np.flatnonzero(qidx == qi)
+            k = int(qt.k[qi])
             fl = M.sampling_floor(
-                q, sizes, n_sims=config.floor_sims, seed=config.seed, keep_sims=True
+                q[rows, :k], sizes[rows], n_sims=config.floor_sims, seed=config.seed, keep_sims=True
             )
-            frame["floor"] = fl.mean_tv
-            assert fl.sims is not None
-            sims[qid] = fl.sims
-        frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            floor[rows] = fl.mean_tv
+            if fl.sims is not None:
+                sims[qt.ids[qi]] = fl.sims
+        frame["floor"] = floor
     return _Pairs(frame, sims)
 
 
 def _summary_rows(
     level: str, source: str, reference: str, pairs: _Pairs, config: CompareConfig
 ) -> list[dict[str, Any]]:
-    """All questions together (`question_id` "all"), then each question when there are more."""
-    qids = list(pd.unique(pairs.frame["question_id"]))
-    parts = [("all", qids)] + ([(q, [q]) for q in qids] if len(qids) > 1 else [])
-    rows = []
-    for label, chosen in parts:
-        frame = pairs.frame[pairs.frame["question_id"].isin(chosen)]
-        row: dict[str, Any] = {
-            "level": level,
-            "source": source,
-            "reference": reference,
-            "question_id": label,
-            "n_keys": len(frame),
-        }
-        for col in ("tv", "js", "kl_bits", "nw1"):
-            est = U.estimate(frame, frame[col], config)
-            row.update({col: est.value, f"{col}_lo": est.lo, f"{col}_hi": est.hi})
-        row["floor_mean"] = row["floor_q95"] = np.nan
-        row["within_floor"] = None
+    """All questions together (`question_id` "all", bootstrap intervals), then each question
+    when there are more (normal intervals: `survey.grouped_means`)."""
+    frame = pairs.frame
+    cols = ["tv", "js", "kl_bits", "nw1"]
+    row: dict[str, Any] = {"question_id": "all", "n_keys": len(frame)}
+    for col in cols:
+        est = U.estimate(frame, frame[col], config)
+        row.update({col: est.value, f"{col}_lo": est.lo, f"{col}_hi": est.hi})
+    row["mean_n"] = float(frame["n"].mean()) if frame["n"].notna().any() else np.nan
+    rows = [row]
+    if frame["question_id"].nunique() > 1:
+        per_q = U.grouped_means(frame, ["question_id"], [*cols, "n"])
+        per_q["n_keys"] = frame.groupby("question_id", sort=False).size().to_numpy()
+        per_q = per_q.rename(columns={"n": "mean_n"}).drop(columns=["n_lo", "n_hi"])
+        rows += [{str(k): v for k, v in r.items()} for r in per_q.to_dict("records")]
+    for r in rows:
+        r.update(level=level, source=source, reference=reference)
+        r["floor_mean"] = r["floor_q95"] = np.nan
+        r["within_floor"] = None
+        chosen = list(pairs.sims) if r["question_id"] == "all" else [r["question_id"]]
         sims = [pairs.sims[q] for q in chosen if q in pairs.sims]
         if sims:
             joint = np.concatenate(sims, axis=1).mean(1)
-            row["floor_mean"] = float(joint.mean())
-            row["floor_q95"] = float(np.quantile(joint, 0.95))
-            row["within_floor"] = bool(row["tv"] <= row["floor_q95"])
-        row["mean_n"] = float(frame["n"].mean()) if frame["n"].notna().any() else np.nan
-        rows.append(row)
+            r["floor_mean"] = float(joint.mean())
+            r["floor_q95"] = float(np.quantile(joint, 0.95))
+            r["within_floor"] = bool(r["tv"] <= r["floor_q95"])
     return rows
 
 
 # --------------------------------------------------------------------------------------------
-# rates of a sampling run
-
-
-def _rates(
-    run: Run, factors: list[str], reference: pd.DataFrame | None, config: CompareConfig
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    assert run.samples is not None
-    prompts = run.prompts.assign(key=item_key(run.prompts, factors))
-    s = run.samples.merge(
-        prompts[["prompt_id", "key", "question_id", "persona_id"]], on="prompt_id"
-    )
-    n = len(s)
-    row: dict[str, Any] = {"run": run.name, "elicitation": run.elicitation, "n_samples": n}
-    for status in ("ok", "refusal", "unparseable"):
-        k = int((s["status"] == status).sum())
-        lo, hi = M.wilson_interval(k, n)
-        row.update(
-            {f"{status}_rate": k / n if n else np.nan, f"{status}_lo": lo, f"{status}_hi": hi}
-        )
-    per_persona = pd.DataFrame()
-    if run.elicitation == "verbalized":
-        errors = s.loc[s["status"] != "ok", "error"].fillna("refusal").str.split(":").str[0]
-        row["failures"] = ", ".join(f"{k} {v}" for k, v in errors.value_counts().items())
-        return row, per_persona
-    if "answer_probs" in s.columns:
-        row["answer_position_coverage"] = float(s["answer_probs"].notna().mean()) if n else np.nan
-    ok = s[s["status"] == "ok"].copy()
-    # A preamble: any word before the answer ("Sure! I'd give it a 4"), not just "(" or spaces.
-    before = [t[: int(a)] for t, a in zip(ok["text"], ok["answer_start"].fillna(0), strict=True)]
-    ok["late"] = [float(b.strip(" \t\n([*\"'") != "") for b in before]
-    per_item = ok.groupby("key").agg(
-        question_id=("question_id", "first"),
-        persona_id=("persona_id", "first"),
-        n=("late", "size"),
-        preamble=("late", "mean"),
-    )
-    est = U.estimate(per_item, per_item["preamble"], config, weights=per_item["n"])
-    row.update(preamble_rate=est.value, preamble_lo=est.lo, preamble_hi=est.hi)
-    if reference is None:
-        return row, per_persona
-    ref = reference.sort_values("prob", ascending=False).drop_duplicates("key")
-    argmax = ref.set_index("key")["option_id"]
-    top = ref.set_index("key")["prob"]
-    ok["mismatch"] = (ok["option_id"].astype(float) != ok["key"].map(argmax)).astype(float)
-    ok = ok[ok["key"].isin(argmax.index)]
-    per_item = ok.groupby("key").agg(
-        question_id=("question_id", "first"),
-        persona_id=("persona_id", "first"),
-        n=("mismatch", "size"),
-        mismatch=("mismatch", "mean"),
-    )
-    per_item["expected"] = 1.0 - top.reindex(per_item.index).to_numpy(dtype=float)
-    counts = ok.groupby(["key", "option_id"]).size().reset_index(name="c")
-    mode = (
-        counts.sort_values("c", ascending=False)
-        .drop_duplicates("key")
-        .set_index("key")["option_id"]
-    )
-    differs = mode.reindex(per_item.index).to_numpy() != argmax.reindex(per_item.index).to_numpy()
-    per_item["mode_differs"] = differs.astype(float)
-    for col, name in (
-        ("mismatch", "sample_mismatch"),
-        ("expected", "sample_mismatch_from_logits"),
-    ):
-        est = U.estimate(per_item, per_item[col], config, weights=per_item["n"])
-        row.update({name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi})
-    est = U.estimate(per_item, per_item["mode_differs"], config)
-    row.update(prompt_mismatch=est.value, prompt_mismatch_lo=est.lo, prompt_mismatch_hi=est.hi)
-    per_persona = (
-        per_item.assign(weighted=per_item["mismatch"] * per_item["n"])
-        .groupby("persona_id")
-        .agg(weighted=("weighted", "sum"), n=("n", "sum"), prompts=("n", "size"))
-        .reset_index()
-    )
-    per_persona["sample_mismatch"] = per_persona["weighted"] / per_persona["n"]
-    per_persona = per_persona.drop(columns="weighted").assign(run=run.name)
-    return row, per_persona
-
-
-# --------------------------------------------------------------------------------------------
 # human metrics
+
+
+def study_cells(study: Study) -> pd.DataFrame:
+    """Every cell of the study x every question, keyed like a run's prompts."""
+    factors = [f.name for f in study.factors]
+    persona = study.persona_factors
+    cells = pd.DataFrame([dict(c) for c in study.cells], columns=factors)
+    cells["persona_id"] = [
+        "|".join(f"{f}={c[f] if c[f] is not None else '*'}" for f in persona) for c in study.cells
+    ]
+    qids = pd.DataFrame({"question_id": [q.id for q in study.questions]})
+    cells = qids.merge(cells, how="cross")
+    return cells.assign(key=cell_key(cells, factors)).drop_duplicates("key").reset_index(drop=True)
 
 
 def _cells_table(runs: list[Run], factors: list[str]) -> pd.DataFrame:
@@ -419,11 +369,17 @@ def compare(
     names: list[str] | None = None,
     study: Study | None = None,
 ) -> CompareResult:
-    """Compare run folders (and human data); write tables, figures and a report to `out`."""
+    """Compare run folders (and human data); write tables, figures and a report to `out`.
+
+    With no run folders, `human` and `study` describe the human data alone: per-group
+    tables, the human baselines and the uniform / majority baselines over the study's cells."""
     config = config or CompareConfig()
     t0 = time.time()
-    if not runs:
-        raise WorkbenchError("no run folders to compare", fix="pass at least one RUN_DIR")
+    if not runs and (human is None or study is None):
+        raise WorkbenchError(
+            "no run folders to compare",
+            fix="pass at least one RUN_DIR, or --human FILE and --study STUDY for human data alone",
+        )
     labels: list[str | None] = list(names) if names else [None] * len(runs)
     loaded = [load_run(p, n) for p, n in zip(runs, labels, strict=True)]
     if len({r.name for r in loaded}) < len(loaded):
@@ -431,7 +387,9 @@ def compare(
             "two runs have the same folder name", fix="pass --names to tell them apart"
         )
     study = study or study_from_manifest(loaded[0].manifest)
+    timings: dict[str, float] = {}
     questions = {q.id: q for q in study.questions}
+    qt = D.question_table(questions)
     factors = [f.name for f in study.factors]
     items: dict[str, pd.DataFrame] = {}
     kinds: dict[str, str] = {}
@@ -446,28 +404,28 @@ def compare(
         for name in items:
             if name == reference:
                 continue
-            pairs = _pair(
-                items[name], items[reference], questions, config, kinds[name] == "sampled"
-            )
+            pairs = _pair(items[name], items[reference], qt, config, kinds[name] == "sampled")
             if len(pairs.frame):
                 pair_frames.append(
                     pairs.frame.assign(level="item", source=name, reference=reference)
                 )
                 summary.extend(_summary_rows("item", name, reference, pairs, config))
 
-    cells = _cells_table(loaded, factors)
+    cells = _cells_table(loaded, factors) if loaded else study_cells(study)
     cell_sources = {name: _cell_level(frame) for name, frame in items.items()}
     human_data = None
     cell_pairs: dict[str, pd.DataFrame] = {}
     human_table = pd.DataFrame()
     if human is not None:
+        t_load = time.time()
         human_data = load_human(human, study, prob_column=config.human_prob_column)
+        timings["load_human"] = round(time.time() - t_load, 3)
         hname = config.human_label
         cell_sources[hname] = U.human_source(human_data, cells, questions)
         kinds[hname] = "human"
         if cell_sources[hname].empty:
             raise WorkbenchError(
-                f"{human}: no human cell matches a prompt of the runs",
+                f"{human}: no human cell matches a cell the study asks",
                 fix="check the question ids and factor columns/values of the human file",
             )
         for name, frame in U.baselines(cell_sources[hname], questions).items():
@@ -475,13 +433,13 @@ def compare(
         for name, frame in cell_sources.items():
             if name == hname:
                 continue
-            pairs = _pair(frame, cell_sources[hname], questions, config, kinds[name] == "sampled")
+            pairs = _pair(frame, cell_sources[hname], qt, config, kinds[name] == "sampled")
             if len(pairs.frame):
                 cell_pairs[name] = pairs.frame
                 pair_frames.append(pairs.frame.assign(level="cell", source=name, reference=hname))
                 summary.extend(_summary_rows("cell", name, hname, pairs, config))
     groups = U.structural_groups(cells, study, human_data)
-    structural = U.structural_gaps(groups, cell_sources, questions)
+    structural = U.structural_gaps(groups, cell_sources, questions, config.human_label)
     if human_data is not None:
         human_table = U.human_metrics(
             cell_sources,
@@ -496,9 +454,23 @@ def compare(
     rates, per_persona = [], []
     for run in loaded:
         if run.kind == "sampling":
-            row, persona = _rates(run, factors, items.get(reference) if reference else None, config)
+            keys = item_key(run.prompts, factors)
+            row, persona = sampling_rates(
+                run, keys, items.get(reference) if reference else None, config
+            )
             rates.append(row)
             per_persona.append(persona)
+    extra: dict[str, pd.DataFrame] = {}
+    if human_data is not None:
+        t_groups = time.time()
+        tables = group_tables(human_data, study, questions, config, cells, cell_pairs, cell_sources)
+        extra = {
+            "groups": tables.groups,
+            "group_questions": tables.group_questions,
+            "human_pairs": tables.human_pairs,
+            "coverage": coverage_table(human_data, cells, cell_sources[config.human_label]),
+        }
+        timings["groups"] = round(time.time() - t_groups, 3)
     result = CompareResult(
         sources=items,
         cell_sources=cell_sources,
@@ -513,6 +485,10 @@ def compare(
         mismatch_by_persona=pd.concat(per_persona, ignore_index=True)
         if per_persona
         else pd.DataFrame(),
+        groups=extra.get("groups", pd.DataFrame()),
+        group_questions=extra.get("group_questions", pd.DataFrame()),
+        human_pairs=extra.get("human_pairs", pd.DataFrame()),
+        coverage=extra.get("coverage", pd.DataFrame()),
     )
     result.manifest = {
         "kind": "compare",
@@ -538,10 +514,16 @@ def compare(
             "percentile 95%",
             "cell_level": "each source averaged over option orders",
             "majority_baseline": "one-hot on the question's modal human option (mean over cells)",
+            "distance": "representativeness distance: nw1 on ordinal questions, tv on nominal "
+            "ones (no ordinal values, or all equal); representativeness = mean over questions "
+            "of 1 - distance",
+            "per_question_intervals": "normal (mean +- 1.96 sd / sqrt(n) over cells)",
+            "group_floor": f"mean distance of {config.group_floor_sims} multinomial resamples "
+            "of the human group cell's effective n from itself",
         },
         "git_hash": git_hash(),
         "versions": versions(),
-        "timings_s": {"total": round(time.time() - t0, 3)},
+        "timings_s": {**timings, "total": round(time.time() - t0, 3)},
     }
     if out is not None:
         write_comparison(result, out, questions)

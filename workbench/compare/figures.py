@@ -205,6 +205,7 @@ def report_blocks(
                 "k2s_gap: TV(sampled)/TV(verbalized) - 1. uniform and majority are baselines.",
             ),
         ]
+    blocks += group_blocks(result)
     if len(result.properties):
         p = result.properties
         table = _with_ci(
@@ -220,8 +221,62 @@ def report_blocks(
     return blocks
 
 
+def group_blocks(result: CompareResult) -> list[Block]:
+    """Coverage, representativeness per source over groups ("(average)", "(worst)") beside
+    the human baselines, and the pairs of groups furthest apart."""
+    out: list[Block] = []
+    if len(result.coverage):
+        out += [
+            Heading("Human data coverage", 3),
+            Table(result.coverage, "what the human file covers of the cells the study asks"),
+        ]
+    g = result.groups
+    if len(g):
+        summary = g[g["group"].isin(["(average)", "(worst)"])]
+        wide = summary.pivot_table(
+            index="source", columns="group", values="representativeness", sort=False
+        ).reset_index()
+        out += [
+            Heading("Representativeness over groups", 3),
+            Table(
+                wide,
+                "mean over questions of 1 - normalized W1 (1 - TV on nominal questions) per "
+                "group, then the average and the worst group (OpinionQA); `human: overall "
+                "population` predicts every group by everyone (human average / human worst). "
+                "Every group: `groups.parquet`, with intervals and the human sampling floor",
+            ),
+        ]
+    if len(result.human_pairs):
+        pairs = result.human_pairs.sort_values("representativeness").head(10)
+        out += [
+            Heading("Human groups furthest apart", 3),
+            Table(pairs, "pairs of groups of one factor, from the human data alone"),
+        ]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # figures
+
+
+PANELS_PER_PAGE = 12
+"""Per-question panels per figure (4 across): no image wider than ~2,000 px."""
+MAX_PAGES = 4
+"""Per-question figures at most; with human data, the worst-represented questions come first."""
+
+
+def _question_order(result: CompareResult, qids: list[str]) -> list[str]:
+    """Worst-represented first (largest mean distance of the model sources to the human data),
+    else the study's order."""
+    gq = result.group_questions
+    if len(gq):
+        model = gq[
+            ~gq["source"].isin(["uniform", "majority"]) & ~gq["source"].str.startswith("human")
+        ]
+        if len(model):
+            worst = model.groupby("question_id")["distance"].mean().sort_values(ascending=False)
+            return [q for q in worst.index if q in qids] + [q for q in qids if q not in worst.index]
+    return qids
 
 
 def _figures(result: CompareResult, questions: dict[str, Question]) -> list[Block]:
@@ -229,45 +284,110 @@ def _figures(result: CompareResult, questions: dict[str, Question]) -> list[Bloc
 
     out: list[Block] = []
     cell = {n: f for n, f in result.cell_sources.items() if result.kinds[n] != "baseline"}
-    qids = [q for q in questions if any((f["question_id"] == q).any() for f in cell.values())]
-    if qids:
-        fig, axes = plt.subplots(1, len(qids), figsize=(5.5 * len(qids), 3.6), squeeze=False)
-        for ax, qid in zip(axes[0], qids, strict=True):
+    present = set().union(*(set(f["question_id"]) for f in cell.values())) if cell else set()
+    qids = _question_order(result, [q for q in questions if q in present])
+    pages = [qids[i : i + PANELS_PER_PAGE] for i in range(0, len(qids), PANELS_PER_PAGE)]
+    means = {n: f.groupby(["question_id", "option_id"])["prob"].mean() for n, f in cell.items()}
+    for page_no, page in enumerate(pages[:MAX_PAGES]):
+        cols = min(4, len(page))
+        rows = -(-len(page) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(page) :]:
+            ax.set_visible(False)
+        for ax, qid in zip(axes.flat, page, strict=False):
             k = len(questions[qid].options)
-            names = [n for n, f in cell.items() if (f["question_id"] == qid).any()]
+            names = [n for n in cell if qid in means[n].index.get_level_values(0)]
             width = 0.8 / max(1, len(names))
             for i, name in enumerate(names):
-                f = cell[name]
-                mean = (
-                    f[f["question_id"] == qid]
-                    .groupby("option_id")["prob"]
-                    .mean()
-                    .reindex(range(k))
-                    .fillna(0)
-                )
+                mean = means[name].loc[qid].reindex(range(k)).fillna(0)
                 ax.bar(np.arange(k) + (i - (len(names) - 1) / 2) * width, mean, width, label=name)
             ax.set_xticks(
-                np.arange(k), [o[:12] for o in questions[qid].options], rotation=20, fontsize=8
+                np.arange(k), [o[:10] for o in questions[qid].options], rotation=30, fontsize=6
             )
-            ax.set_title(qid, fontsize=10)
-            ax.set_ylabel("mean probability over cells")
-        handles, labels = axes[0][0].get_legend_handles_labels()
+            ax.set_title(qid, fontsize=9)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
-        fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(labels) // 4), 1, 1))
+        fig.supylabel("mean probability over cells", fontsize=8)
+        fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 4), 1, 1))
+        first = page_no * PANELS_PER_PAGE + 1
+        left = len(qids) - min(len(qids), MAX_PAGES * PANELS_PER_PAGE)
+        note = (
+            f"; {plural(left, 'more question')} in `group_questions.parquet`"
+            if left and page_no == min(len(pages), MAX_PAGES) - 1
+            else ""
+        )
+        order = "worst-represented first" if len(result.group_questions) else "study order"
         out.append(
             Figure_(
                 fig,
-                "compare_distributions",
-                "per question: every source's mean distribution, side by side",
+                "compare_distributions" + (f"_{page_no + 1}" if page_no else ""),
+                f"questions {first} to {first + len(page) - 1} of {len(qids)} ({order}): every "
+                f"source's mean distribution, side by side{note}",
             )
         )
+    out += group_figures(result)
     ref = result.reference
-    ordinal = [q for q in questions.values() if q.values is not None]
-    if ref is not None and ordinal:
+    ordinal = [q for q in questions.values() if q.values is not None and len(set(q.values)) > 1]
+    others = [n for n in result.sources if n != ref]
+    if ref is not None and ordinal and others:
         out.append(_expected_score_figure(result, ref, ordinal[0]))
     mm = result.mismatch_by_persona
     if len(mm):
         out.append(mismatch_figure(mm))
+    return out
+
+
+def group_figures(result: CompareResult) -> list[Block]:
+    """Representativeness by group (one figure per attribute), each model source beside the
+    human baselines: the overall population as a prediction of the group (its average and
+    worst are OpinionQA's "human average" and "human worst")."""
+    import matplotlib.pyplot as plt
+
+    g = result.groups
+    if not len(g):
+        return []
+    g = g[g["group"].str.contains("=") & ~g["group"].str.contains(", ")]
+    out: list[Block] = []
+    attrs = list(dict.fromkeys(g["group"].str.split("=").str[0]))
+    sources = [s for s in dict.fromkeys(g["source"]) if s not in ("uniform", "majority")]
+    for attr in attrs:
+        sub = g[g["group"].str.startswith(attr + "=")]
+        groups = list(dict.fromkeys(sub["group"]))
+        fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.32 * len(groups) * max(1, len(sources)) / 2))
+        y = np.arange(len(groups))
+        h = 0.8 / max(1, len(sources))
+        for i, source in enumerate(sources):
+            rows = sub[sub["source"] == source].set_index("group").reindex(groups)
+            pos = y + (i - (len(sources) - 1) / 2) * h
+            err = np.vstack(
+                [
+                    rows["representativeness"] - rows["ci_low"],
+                    rows["ci_high"] - rows["representativeness"],
+                ]
+            )
+            ax.barh(
+                pos,
+                rows["representativeness"],
+                h,
+                xerr=np.nan_to_num(err),
+                label=source,
+                color=f"C{i % 10}",
+            )
+        lo = float(np.nanmin(sub["ci_low"].fillna(sub["representativeness"])))
+        ax.set_xlim(max(0.0, lo - 0.05), 1.0)
+        ax.set_yticks(y, [x.split("=", 1)[1] for x in groups], fontsize=7)
+        ax.set_xlabel("representativeness (mean over questions of 1 - nW1; 1 - TV if nominal)")
+        ax.set_title(attr, fontsize=9)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        fig.tight_layout()
+        out.append(
+            Figure_(
+                fig,
+                f"compare_groups_{attr}",
+                f"representativeness by {attr} with 95% intervals (bootstrap over questions), "
+                "beside the human baseline (the overall population predicting each group)",
+            )
+        )
     return out
 
 

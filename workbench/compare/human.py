@@ -16,6 +16,17 @@ pandas); both are keyed by `question_id` and any of the study's factor columns:
 
 Factor columns that the file does not have do not matter: a survey without a `title`
 column answers the same for every title. Other columns are ignored (and listed).
+
+A file may hold more than the study asks: questions the study lacks, and factor values it
+lacks (Independents beside Democrats and Republicans) are counted for the coverage table and
+left out of every cell that names a factor value, while a respondent with an unknown (or
+empty) value still belongs to every coarse cell that leaves the factor unspecified ("everyone"
+is everyone). A file that matches no question of the study, or a factor column none of whose
+values is one of the study's, is an error (the coding differs).
+
+Sample sizes: a proportions file may carry `n` (respondents behind each question and cell);
+respondent rows give the respondents behind each cell (`respondent_id` if present, else one
+per row) and Kish's effective sample size (Σw)² / Σw² of their weights.
 Every problem raises a `WorkbenchError` naming the file, the column (and row) and the fix.
 Refusal options ("Don't know") are kept out of the distribution, which is renormalized over
 the substantive options, and reported as the refusal share (as OpinionQA does).
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -36,9 +47,10 @@ from workbench.study.spec import Question, Study
 Format = Literal["proportions", "respondents"]
 PROB_TOLERANCE = 0.02
 """|sum - 1| allowed per question and cell in a proportions file before it is an error."""
+OUT_COLUMNS = ["cell", "option_id", "prob", "refusal", "n", "n_eff"]
 
 
-def _fail(path: Path, field_name: str, message: str, fix: str) -> WorkbenchError:
+def _fail(path: Path | str, field_name: str, message: str, fix: str) -> WorkbenchError:
     return WorkbenchError(f"{field_name}: {message}", fix=fix, file=str(path))
 
 
@@ -51,98 +63,140 @@ class HumanData:
     factors: tuple[str, ...]
     """The study factors the file has columns for."""
     table: pd.DataFrame
-    """proportions: question_id, <factors>, option_id, prob (over all options, sums to 1);
-    respondents: question_id, <factors>, option_id, weight."""
+    """proportions: question_id, <factors>, option_id, prob (over all options, sums to 1), n;
+    respondents: question_id, <factors> (values outside the study kept), option_id, weight,
+    respondent."""
     ignored_columns: tuple[str, ...] = ()
     percentages: bool = False
     """The proportions were given in percent (divided by 100)."""
     questions: dict[str, Question] = field(default_factory=dict, repr=False)
+    extra_questions: dict[str, int] = field(default_factory=dict)
+    """Question ids of the file that the study lacks -> rows (left out)."""
+    extra_values: dict[str, dict[str, int]] = field(default_factory=dict)
+    """factor -> value of the file that the study lacks -> rows (in no cell naming the factor)."""
+    n_rows: int = 0
+    """Rows of the file (after melting a wide file)."""
+
+    @property
+    def respondents(self) -> int | None:
+        if self.format != "respondents":
+            return None
+        return int(self.table["respondent"].nunique())
 
     def distributions(self, cells: pd.DataFrame) -> pd.DataFrame:
         """Human distributions for `cells` (question_id + the study's factor columns).
 
         Returns one row per (cell row, substantive option): `cell` (the row's index in
         `cells`), `option_id`, `prob` (renormalized over substantive options), `refusal`
-        (the refusal share) and `n` (respondents, or effective weight; NaN for proportions).
+        (the refusal share), `n` (respondents; a proportions file's `n` column, else NaN) and
+        `n_eff` (Kish's effective n of the weights; `n` for proportions).
         Cells without human data are absent.
         """
         if self.format == "proportions":
             return self._from_proportions(cells)
         return self._from_respondents(cells)
 
-    def _key(self, frame: pd.DataFrame) -> pd.Series:
-        key = frame["question_id"].astype(str)
-        for f in self.factors:
-            key = key + "|" + f + "=" + frame[f].astype("string").fillna("*")
-        return key
-
     def _finish(self, long: pd.DataFrame) -> pd.DataFrame:
-        """long: cell, question_id, option_id, mass, n -> renormalized substantive rows."""
-        out = []
-        for (cell, qid), grp in long.groupby(["cell", "question_id"], sort=True):
-            question = self.questions[str(qid)]
-            k = len(question.options)
-            mass = np.zeros(len(question.all_options))
-            np.add.at(mass, grp["option_id"].to_numpy(dtype=int), grp["mass"].to_numpy(float))
-            total, substantive = mass.sum(), mass[:k].sum()
-            if substantive <= 0:
-                continue
-            for o in range(k):
-                out.append(
-                    {
-                        "cell": cell,
-                        "option_id": o,
-                        "prob": mass[o] / substantive,
-                        "refusal": float(mass[k:].sum() / total),
-                        "n": float(grp["n"].iloc[0]),
-                    }
-                )
-        return pd.DataFrame(out, columns=["cell", "option_id", "prob", "refusal", "n"])
+        """long: cell, question_id, option_id, mass, n, n_eff -> renormalized substantive rows."""
+        if long.empty:
+            return pd.DataFrame(columns=OUT_COLUMNS)
+        codes, cells = pd.factorize(long["cell"], sort=True)
+        per_cell = long.groupby(codes, sort=True)[["question_id", "n", "n_eff"]].first()
+        order = list(self.questions)
+        qpos = pd.Index(order).get_indexer(pd.Index(per_cell["question_id"].astype(str)))
+        k_sub = np.array([len(self.questions[q].options) for q in order])[qpos]
+        k_all = np.array([len(self.questions[q].all_options) for q in order])
+        mass = np.zeros((len(cells), int(k_all.max())))
+        np.add.at(
+            mass, (codes, long["option_id"].to_numpy(dtype=np.int64)), long["mass"].to_numpy(float)
+        )
+        real = np.arange(mass.shape[1])[None, :] < k_sub[:, None]
+        substantive = (mass * real).sum(1)
+        total = mass.sum(1)
+        keep = substantive > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prob = mass / substantive[:, None]
+            refusal = (total - substantive) / total
+        r, o = np.nonzero(real & keep[:, None])
+        return pd.DataFrame(
+            {
+                "cell": np.asarray(cells)[r],
+                "option_id": o,
+                "prob": prob[r, o],
+                "refusal": refusal[r],
+                "n": per_cell["n"].to_numpy(float)[r],
+                "n_eff": per_cell["n_eff"].to_numpy(float)[r],
+            }
+        )
 
     def _from_proportions(self, cells: pd.DataFrame) -> pd.DataFrame:
-        keys = pd.DataFrame({"cell": cells.index, "_key": self._key(cells).to_numpy()})
-        table = self.table.assign(_key=self._key(self.table))
-        merged = keys.merge(table[["_key", "question_id", "option_id", "prob"]], on="_key")
-        merged = merged.rename(columns={"prob": "mass"}).assign(n=np.nan)
+        keys = ["question_id", *self.factors]
+        left = cells[keys].astype("string").fillna("*").assign(cell=cells.index.to_numpy())
+        table = self.table.copy()
+        table[list(keys)] = table[list(keys)].astype("string").fillna("*")
+        merged = left.merge(table, on=keys)
+        merged = merged.rename(columns={"prob": "mass"}).assign(n_eff=merged["n"])
         return self._finish(merged)
 
     def _from_respondents(self, cells: pd.DataFrame) -> pd.DataFrame:
-        parts = []
         table = self.table
-        spec = cells[list(self.factors)].notna()
-        pattern = spec.apply(lambda r: "|".join(r.index[r.to_numpy()]), axis=1)
-        grouped = cells.groupby([cells["question_id"], pattern]).groups
-        for group_key, idx in grouped.items():
-            qid, joined = (str(part) for part in cast(tuple[object, object], group_key))
-            rows = table[table["question_id"] == qid]
-            names = joined.split("|") if joined else []
-            if names:
-                counts = rows.groupby([*names, "option_id"], dropna=False)["weight"].agg(
-                    ["sum", "size"]
-                )
-                counts = counts.reset_index()
-            else:
-                counts = rows.groupby("option_id")["weight"].agg(["sum", "size"]).reset_index()
-            sub = cells.loc[idx, names].reset_index(names="cell")
-            merged = sub.merge(counts, on=names) if names else sub.merge(counts, how="cross")
-            n = merged.groupby("cell")["size"].transform("sum")
+        spec = cells[list(self.factors)].notna().to_numpy()
+        pattern = (
+            spec @ (1 << np.arange(len(self.factors)))
+            if self.factors
+            else np.zeros(len(cells), int)
+        )
+        parts = []
+        for code in np.unique(pattern):
+            names = [f for i, f in enumerate(self.factors) if code >> i & 1]
+            sub = cells.loc[pattern == code, ["question_id", *names]].astype(str)
+            sub = sub.assign(cell=cells.index[pattern == code])
+            wanted = table[table["question_id"].isin(set(sub["question_id"]))]
+            by = ["question_id", *names]
+            sums = wanted.groupby([*by, "option_id"], observed=True)["weight"].sum()
+            stats = wanted.groupby(by, observed=True).agg(
+                n=("respondent", "nunique"), w=("weight", "sum"), w2=("w2", "sum")
+            )
+            stats["n_eff"] = stats["w"] ** 2 / stats["w2"].where(stats["w2"] > 0)
+            mass = sums.rename("mass").reset_index()
+            mass = mass.merge(stats[["n", "n_eff"]].reset_index(), on=by)
+            mass[by] = mass[by].astype(str)
             parts.append(
-                merged.assign(question_id=qid, mass=merged["sum"], n=n)[
-                    ["cell", "question_id", "option_id", "mass", "n"]
-                ]
+                sub.merge(mass, on=by)[["cell", "question_id", "option_id", "mass", "n", "n_eff"]]
             )
         if not parts:
-            return pd.DataFrame(columns=["cell", "option_id", "prob", "refusal", "n"])
+            return pd.DataFrame(columns=OUT_COLUMNS)
         return self._finish(pd.concat(parts, ignore_index=True))
 
-    def subgroup_weights(self, question_id: str, group: dict[str, str], by: list[str]) -> pd.Series:
-        """Respondents only: P(s | G) over the value combinations `s` of the factors `by`
-        among the respondents of `question_id` in group `group` (weighted shares)."""
+    def subgroup_weights(
+        self, question_id: str, group: dict[str, str], by: list[str], values: list[tuple[str, ...]]
+    ) -> tuple[list[float], float]:
+        """Respondents only: P(s | G) for the value combinations `values` of the factors `by`
+        among the respondents of `question_id` in group `group` (weighted shares), and the
+        share of G's weight those subgroups cover (respondents with another or no value of
+        `by` are in G but in no subgroup)."""
         rows = self.table[self.table["question_id"] == question_id]
         for f, v in group.items():
             rows = rows[rows[f] == v]
-        weights = rows.groupby(by)["weight"].sum()
-        return weights / weights.sum()
+        total = float(rows["weight"].sum())
+        weights = rows.groupby(by, observed=True)["weight"].sum()
+        shares = [float(weights.get(c if len(c) > 1 else c[0], 0.0)) for c in values]
+        covered = sum(shares)
+        if covered <= 0:
+            return [0.0] * len(values), 0.0
+        return [s / covered for s in shares], covered / total if total > 0 else 0.0
+
+    def covered(
+        self, question_id: str, group: dict[str, str], by: list[str], values: list[tuple[str, ...]]
+    ) -> pd.DataFrame:
+        """Respondents of `question_id` in `group` whose values of `by` are among `values`."""
+        rows = self.table[self.table["question_id"] == question_id]
+        for f, v in group.items():
+            rows = rows[rows[f] == v]
+        combos = (
+            rows[by].astype(str).apply(tuple, axis=1) if len(rows) else pd.Series([], dtype=object)
+        )
+        return rows[combos.isin(set(values)).to_numpy()]
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -165,7 +219,7 @@ def _read(path: Path) -> pd.DataFrame:
 
 def _text(value: object) -> str | None:
     """A factor value as the study writes it; None for empty/missing."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -173,7 +227,14 @@ def _text(value: object) -> str | None:
     return text if text.strip() and text != "<NA>" else None
 
 
-def _option_resolver(question: Question, by_id: bool) -> dict[str, int]:
+def _texts(column: pd.Series) -> pd.Series:
+    """`_text` of every value, computed once per distinct value (files of millions of rows)."""
+    uniques = pd.unique(column.to_numpy(dtype=object))
+    mapping = {u: _text(u) for u in uniques}
+    return column.astype(object).map(mapping)
+
+
+def _option_names(question: Question, by_id: bool) -> dict[str, int]:
     """How a file names an option: its id (`option_id` columns), else its text (any case),
     canonical label or ordinal value (`option` and `answer` columns)."""
     names: dict[str, int] = {}
@@ -205,10 +266,13 @@ def load_human(path: str | Path, study: Study, *, prob_column: str = "prob") -> 
     if wide:
         qcols = [q for q in questions if q in frame.columns]
         id_vars = [c for c in frame.columns if c not in qcols]
+        if "respondent_id" not in frame.columns:
+            frame = frame.assign(respondent_id=np.arange(len(frame)))
+            id_vars.append("respondent_id")
         frame = frame.melt(
             id_vars=id_vars, value_vars=qcols, var_name="question_id", value_name="answer"
         )
-        frame = frame[frame["answer"].map(_text).notna()]
+        frame = frame[_texts(frame["answer"]).notna()].reset_index(drop=True)
     if "question_id" not in frame.columns:
         raise _fail(
             path,
@@ -219,10 +283,10 @@ def load_human(path: str | Path, study: Study, *, prob_column: str = "prob") -> 
     option_cols: tuple[str, ...]
     if prob_column in frame.columns:
         fmt: Format = "proportions"
-        value_col, option_cols = prob_column, ("option_id", "option")
+        value_col, option_cols, extra_cols = prob_column, ("option_id", "option"), ("n",)
     elif "answer" in frame.columns:
         fmt = "respondents"
-        value_col, option_cols = "weight", ("answer",)
+        value_col, option_cols, extra_cols = "weight", ("answer",), ("respondent_id",)
     else:
         raise _fail(
             path,
@@ -238,70 +302,126 @@ def load_human(path: str | Path, study: Study, *, prob_column: str = "prob") -> 
             path, "option_id", "missing column", "add `option_id` (0-based) or `option` (its text)"
         )
     factors = tuple(f for f in factor_names if f in frame.columns)
-    known = {"question_id", value_col, *option_cols, *factors}
+    known = {"question_id", value_col, *option_cols, *factors, *extra_cols}
     ignored = tuple(c for c in frame.columns if c not in known)
+    n_rows = len(frame)
 
-    rows = []
-    resolvers = {
-        qid: _option_resolver(q, option_col == "option_id") for qid, q in questions.items()
+    qid = _texts(frame["question_id"]).fillna("")
+    in_study = qid.isin(set(questions))
+    extra_questions = {str(k): int(v) for k, v in qid[~in_study].value_counts().items()}
+    if not in_study.any():
+        raise _fail(
+            path,
+            "question_id",
+            f"none of its {len(extra_questions):,} question ids is a question of the study "
+            f"(e.g. {next(iter(extra_questions))!r})",
+            f"use the study's question ids: {', '.join(list(questions)[:10])}"
+            + (", ..." if len(questions) > 10 else ""),
+        )
+    frame, qid = (
+        frame[in_study.to_numpy()].reset_index(drop=True),
+        qid[in_study].reset_index(drop=True),
+    )
+
+    by_id = option_col == "option_id"
+    lookup = {
+        f"{q}\x1f{name}": o
+        for q, question in questions.items()
+        for name, o in _option_names(question, by_id).items()
     }
-    values = {f.name: set(f.values) for f in study.factors}
-    records = frame.to_dict("records")
-    for i, rec in enumerate(records):
-        where = f"row {i + 1}"
-        qid = _text(rec["question_id"])
-        if qid not in questions:
-            raise _fail(
-                path,
-                "question_id",
-                f"{where}: unknown question {rec['question_id']!r}",
-                f"use one of the study's question ids: {', '.join(questions)}",
-            )
-        answer = _text(rec[option_col])
-        option = resolvers[qid].get(answer.casefold()) if answer is not None else None
-        if option is None:
-            raise _fail(
-                path,
-                option_col,
-                f"{where}: {rec[option_col]!r} is not an option of question {qid!r}",
-                f"use an option id 0..{len(questions[qid].all_options) - 1}, its text or label: "
-                + ", ".join(questions[qid].all_options),
-            )
-        row: dict[str, object] = {"question_id": qid, "option_id": option}
-        for f in factors:
-            v = _text(rec[f])
-            if v is not None and v not in values[f]:
+    answer = _texts(frame[option_col]).fillna("\x00").str.casefold()
+    option = (qid + "\x1f" + answer).map(lookup)
+    if option.isna().any():
+        i = int(np.flatnonzero(option.isna().to_numpy())[0])
+        q = questions[qid.iloc[i]]
+        raise _fail(
+            path,
+            option_col,
+            f"row {i + 1}: {frame[option_col].iloc[i]!r} is not an option of question {q.id!r}",
+            f"use an option id 0..{len(q.all_options) - 1}, its text or label: "
+            + ", ".join(q.all_options),
+        )
+    table = pd.DataFrame(
+        {"question_id": qid.to_numpy(), "option_id": option.to_numpy(dtype=np.int64)}
+    )
+
+    extra_values: dict[str, dict[str, int]] = {}
+    keep = np.ones(len(frame), dtype=bool)
+    for f in factors:
+        allowed = set(study.factor(f).values)
+        v = _texts(frame[f])
+        unknown = v.notna() & ~v.isin(allowed)
+        if unknown.any():
+            if not (v.isin(allowed)).any():
                 raise _fail(
                     path,
                     f,
-                    f"{where}: {v!r} is not a value of factor {f!r}",
-                    f"use one of: {', '.join(sorted(values[f]))}, or leave it empty (unspecified)",
+                    f"none of its values is a value of factor {f!r} (e.g. {v[unknown].iloc[0]!r})",
+                    f"use the study's values: {', '.join(sorted(allowed))}, or leave it empty "
+                    "(unspecified)",
                 )
-            row[f] = v
-        raw = rec.get(value_col, 1.0) if fmt == "respondents" else rec[value_col]
-        try:
-            number = (
-                float(raw) if _text(raw) is not None else (1.0 if fmt == "respondents" else np.nan)
-            )
-        except (TypeError, ValueError):
-            number = np.nan
-        if not np.isfinite(number) or number < 0:
-            raise _fail(
-                path,
-                value_col,
-                f"{where}: {raw!r} is not a non-negative number",
-                "write a number >= 0"
-                + (" (a share or a percentage)" if fmt == "proportions" else ""),
-            )
-        row["prob" if fmt == "proportions" else "weight"] = number
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    for f in factors:
-        table[f] = table[f].astype("string")
+            extra_values[f] = {str(k): int(c) for k, c in v[unknown].value_counts().items()}
+            if fmt == "proportions":
+                keep &= ~unknown.to_numpy()
+        table[f] = pd.Categorical(v.to_numpy(dtype=object))
+
+    raw = frame[value_col] if value_col in frame.columns else pd.Series(1.0, index=frame.index)
+    text = _texts(raw)
+    number = pd.to_numeric(text, errors="coerce")
+    if fmt == "respondents":
+        number = number.where(text.notna(), 1.0)
+    bad = ~np.isfinite(number.to_numpy(dtype=float)) | (number.to_numpy(dtype=float) < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise _fail(
+            path,
+            value_col,
+            f"row {i + 1}: {raw.iloc[i]!r} is not a non-negative number",
+            "write a number >= 0" + (" (a share or a percentage)" if fmt == "proportions" else ""),
+        )
     percentages = False
-    if fmt == "proportions":
+    if fmt == "respondents":
+        table["weight"] = number.to_numpy(dtype=float)
+        table["w2"] = table["weight"] ** 2
+        rid = (
+            frame["respondent_id"]
+            if "respondent_id" in frame.columns
+            else pd.Series(np.arange(len(frame)))
+        )
+        table["respondent"] = pd.factorize(rid.to_numpy())[0]
+        table["question_id"] = table["question_id"].astype("category")
+    else:
+        table["prob"] = number.to_numpy(dtype=float)
+        table["n"] = np.nan
+        if "n" in frame.columns:
+            ntext = _texts(frame["n"])
+            n = pd.to_numeric(ntext, errors="coerce")
+            bad_n = ((ntext.notna() & n.isna()) | (n < 0)).to_numpy()
+            if bad_n.any():
+                i = int(np.flatnonzero(bad_n)[0])
+                raise _fail(
+                    path,
+                    "n",
+                    f"row {i + 1}: {frame['n'].iloc[i]!r} is not a count >= 0",
+                    "write the respondents behind the question and cell (or leave it empty)",
+                )
+            table["n"] = n.to_numpy(dtype=float)
+        table = table[keep].reset_index(drop=True)
+        for f in factors:
+            table[f] = table[f].astype(object).where(table[f].notna(), None).astype("string")
         table, percentages = _check_proportions(path, table, factors)
-    return HumanData(str(path), fmt, factors, table, ignored, percentages, questions)
+    return HumanData(
+        str(path),
+        fmt,
+        factors,
+        table,
+        ignored,
+        percentages,
+        questions,
+        extra_questions,
+        extra_values,
+        n_rows,
+    )
 
 
 def _check_proportions(

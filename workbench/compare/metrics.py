@@ -373,19 +373,47 @@ def bootstrap_ci(
     if not labels:
         labels = [np.arange(v.size)]
     rng = np.random.default_rng(seed)
-    resample_w = np.broadcast_to(w_row, (n_resamples, v.size)).copy()
+    idxs, counts = [], []
     for lab in labels:
         _, idx = np.unique(lab, return_inverse=True)
         n_units = int(idx.max()) + 1
-        counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_resamples)
-        resample_w *= counts[:, idx]
+        idxs.append(idx)
+        counts.append(
+            rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_resamples).astype(
+                np.float64
+            )
+        )
     stat = statistic or _weighted_mean
     point = float(stat(v, w_row[None, :])[0])
-    boots = stat(v, resample_w)
+    if statistic is None and len(idxs) in (1, 2):
+        boots = _cluster_means(v, w_row, idxs, counts)
+    else:
+        resample_w = np.broadcast_to(w_row, (n_resamples, v.size)).copy()
+        for idx, c in zip(idxs, counts, strict=True):
+            resample_w *= c[:, idx]
+        boots = stat(v, resample_w)
     boots = boots[~np.isnan(boots)]
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(boots, [alpha, 1.0 - alpha]) if boots.size else (np.nan, np.nan)
     return Estimate(point, float(lo), float(hi), int(v.size))
+
+
+def _cluster_means(v: Array, w: Array, idxs: list[NDArray[np.int64]], counts: list[Array]) -> Array:
+    """The weighted means of the resamples without a [resample, row] matrix: rows are summed
+    per unit (one way) or per unit pair (two ways) first, so a survey of 100,000 cells costs
+    [resample, unit] products (the same numbers as weighting every row)."""
+    if len(idxs) == 1:
+        num = counts[0] @ np.bincount(idxs[0], weights=w * v, minlength=counts[0].shape[1])
+        den = counts[0] @ np.bincount(idxs[0], weights=w, minlength=counts[0].shape[1])
+    else:
+        shape = (counts[0].shape[1], counts[1].shape[1])
+        flat = idxs[0] * shape[1] + idxs[1]
+        vm = np.bincount(flat, weights=w * v, minlength=shape[0] * shape[1]).reshape(shape)
+        wm = np.bincount(flat, weights=w, minlength=shape[0] * shape[1]).reshape(shape)
+        num = ((counts[0] @ vm) * counts[1]).sum(1)
+        den = ((counts[0] @ wm) * counts[1]).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(num / den)
 
 
 def _weighted_mean(values: Array, weights: Array) -> Array:

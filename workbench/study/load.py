@@ -269,6 +269,20 @@ def _parse_questions(ctx: Ctx, value: Any, factors: tuple[Factor, ...]) -> tuple
     return tuple(out)
 
 
+def nominal_notes(study: Study) -> list[str]:
+    """One line per question whose `values` are all equal (a survey's way of writing a
+    nominal item, e.g. `[1, 1, 1, 1]`): valid, and compared as nominal (TV, never W1)."""
+    notes = []
+    for i, q in enumerate(study.questions):
+        if q.values is not None and len(q.values) > 1 and len(set(q.values)) == 1:
+            notes.append(
+                f"questions[{i}].values ({q.id}): all equal ({q.values[0]:g}): the question is "
+                "nominal, so its distance to human data is total variation, not normalized W1 "
+                "(give distinct values to make it ordinal)"
+            )
+    return notes
+
+
 def _parse_labels(
     ctx: Ctx, value: Any, fp: str, n: int, texts: list[str]
 ) -> tuple[str, ...] | Literal["texts"]:
