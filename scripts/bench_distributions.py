@@ -2,9 +2,12 @@
 
 Usage (from the repository root)::
 
-    python -m scripts.bench_distributions                  # CPU table -> results/benchmarks/distributions_cpu.md
-    python -m scripts.bench_distributions --threads 1 --repeats 5   # what the committed CPU table ran
-    python -m scripts.bench_distributions --quick --out -  # smoke run (a few prompts), writes nothing
+    python -m scripts.bench_distributions --matrix --threads 1 --repeats 3
+        # what the committed CPU table ran (-> results/benchmarks/distributions_cpu.md; ~8-15 min
+        # on 2 busy cores): persona (long, short) x scoring (sequence, next_token) x options (2, 5, 11)
+    python -m scripts.bench_distributions                  # one workload (long, sequence, 5), printed
+    python -m scripts.bench_distributions --persona short --scoring next_token --options 11
+    python -m scripts.bench_distributions --quick --matrix # smoke run of every cell (a few prompts)
     python -m scripts.bench_distributions --personas 24 --repeats 5 --batch-size 32
     python -m scripts.bench_distributions --device cuda --shape llama3-8b --personas 24 --batch-size 64
         # H200 table -> results/benchmarks/distributions_cuda_llama3-8b.md (a few minutes;
@@ -28,9 +31,13 @@ ids checked to be identical) go through, in one process, on the same model and d
   softmax; same batch size);
 - `workbench`: `compute_distributions(study, lm, out_dir=None)` (rendering, tokenization,
   scoring and the summary tables included in its time);
-- `workbench-rows`: the same with the engine's `EngineConfig(pack_options=False)` (one row
-  per (prompt, option) after the shared persona prefix), to show what packing the options
-  of a question into one row buys.
+- `workbench-rows`: the same with `DistributionConfig(pack_options=False)` (one row per
+  (prompt, option) after the shared persona prefix), to show what packing the options of a
+  question into one row buys (only where some option is 2+ tokens: otherwise one path).
+
+Every row checks that it ran the path it names (`path_checks`, from the positions fed and
+rows unembedded counted with hooks) and a failed check exits with status 1; the test suite
+runs `--quick` and `--quick --matrix` and asserts the checks.
 
 On a shared machine, `--threads 1` keeps CPU timings stable (two threads spin against other
 processes); the 1-minute load average before and after is recorded.
@@ -68,7 +75,6 @@ import argparse
 import contextlib
 import cProfile
 import datetime as dt
-import functools
 import io
 import logging
 import os
@@ -85,14 +91,13 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import pandas as pd
 import torch
 
 from workbench.engine.models import LoadedModel, load_model
-from workbench.engine.scoring import EngineConfig, Request, naive_score
+from workbench.engine.scoring import Request, naive_score
 from workbench.measure.distributions import (
     DistributionConfig,
     build_requests,
@@ -126,6 +131,19 @@ LIKERT5 = (
     "Somewhat disagree",
     "Strongly disagree",
 )
+LIKERT11 = (
+    "Completely agree",
+    "Strongly agree",
+    "Mostly agree",
+    "Agree",
+    "Somewhat agree",
+    "Neither agree nor disagree",
+    "Somewhat disagree",
+    "Disagree",
+    "Mostly disagree",
+    "Strongly disagree",
+    "Completely disagree",
+)
 
 AGES = ("19", "27", "34", "45", "58", "71")
 OCCUPATIONS = (
@@ -148,6 +166,10 @@ REGIONS = (
 )
 PARTIES = ("a Democrat", "a Republican", "an independent", "a libertarian")
 
+SHORT_PERSONA = (
+    "I am {age} years old, I work as {occupation}, I live in {region} and I am {party}.",
+)
+"""The short persona prefix (about 25 tokens with BOS)."""
 PERSONA_FRAGMENTS = (
     "I am {age} years old and I work as {occupation}.",
     "I live in {region}, in the same town where I grew up, close to my parents and my two younger brothers.",
@@ -185,17 +207,36 @@ STATEMENTS = (
 TEMPLATE = "{persona}\n\nHow much do you agree with the following statement?\nStatement: {question}\n{options}\nAnswer:"
 
 
+PERSONAS = ("long", "short")
+SCORINGS = ("sequence", "next_token")
+MATRIX_OPTIONS = (2, 5, 11)
+
+
 def likert(n: int) -> tuple[str, ...]:
     if n == 5:
         return LIKERT5
-    if not 2 <= n <= 7:
-        raise SystemExit(f"--options must be between 2 and 7, got {n}")
-    picks = np.round(np.linspace(0, 6, n)).astype(int)
-    return tuple(LIKERT7[i] for i in picks)
+    if n == 11:
+        return LIKERT11
+    if not 2 <= n <= 11:
+        raise SystemExit(f"--options must be between 2 and 11, got {n}")
+    scale = LIKERT7 if n <= 7 else LIKERT11
+    picks = np.round(np.linspace(0, len(scale) - 1, n)).astype(int)
+    return tuple(scale[i] for i in picks)
 
 
-def study_dict(n_personas: int, n_questions: int, n_options: int, seed: int) -> dict[str, Any]:
-    """The benchmark study as a study-file mapping (what a YAML file would hold)."""
+def study_dict(
+    n_personas: int,
+    n_questions: int,
+    n_options: int,
+    seed: int,
+    persona: str = "long",
+    scoring: str = "sequence",
+) -> dict[str, Any]:
+    """The benchmark study as a study-file mapping (what a YAML file would hold).
+
+    `persona`: `long` (8 fragments, ~210 tokens) or `short` (one sentence, ~25 tokens).
+    `scoring`: `sequence` (the option text, " Strongly agree") or `next_token` (the label, " A").
+    """
     statements = [STATEMENTS[i % len(STATEMENTS)] for i in range(n_questions)]
     statements = [
         s if i < len(STATEMENTS) else f"{s[:-1]} (variant {i // len(STATEMENTS)})."
@@ -215,7 +256,7 @@ def study_dict(n_personas: int, n_questions: int, n_options: int, seed: int) -> 
         "design": {"kind": "random", "n": n_personas, "seed": seed},
         "template": {
             "format": "plain",
-            "persona": list(PERSONA_FRAGMENTS),
+            "persona": list(PERSONA_FRAGMENTS if persona == "long" else SHORT_PERSONA),
             "prompt": TEMPLATE,
             "option_line": "{label}. {text}",
         },
@@ -229,18 +270,24 @@ def study_dict(n_personas: int, n_questions: int, n_options: int, seed: int) -> 
             for i, s in enumerate(statements)
         ],
         "orders": {"kind": "canonical"},
-        "scoring": {"method": "sequence", "target": "text", "variants": [" {}"], "top_k": 10},
+        "scoring": {
+            "method": scoring,
+            "target": "text" if scoring == "sequence" else "label",
+            "variants": [" {}"],
+            "top_k": 10,
+        },
     }
 
 
 def corpus(study: dict[str, Any]) -> list[str]:
-    """Text the tiny tokenizer is trained on: the study's own words (so they merge into tokens)."""
+    """Text the tiny tokenizer is trained on: every workload's words (so they merge into
+    tokens), whatever the persona, scoring and options, so one model serves the matrix."""
     texts = []
     for age, occ, region, party in zip(AGES, OCCUPATIONS, REGIONS * 2, PARTIES * 2, strict=False):
         cell = {"age": age, "occupation": occ, "region": region, "party": party}
-        texts.append(" ".join(f.format(**cell) for f in PERSONA_FRAGMENTS))
-    texts += [q["text"] for q in study["questions"]]
-    texts += [" ".join(LIKERT7), TEMPLATE]
+        texts.append(" ".join(f.format(**cell) for f in (*PERSONA_FRAGMENTS, *SHORT_PERSONA)))
+    texts += [q["text"] for q in study["questions"]] + list(STATEMENTS)
+    texts += [" ".join(LIKERT7), " ".join(LIKERT11), TEMPLATE]
     return texts
 
 
@@ -480,14 +527,10 @@ def run_lm_eval(hflm: Any, instances: list[Any]) -> np.ndarray:
 def run_workbench(
     lm: LoadedModel, w: Workload, batch_size: int, *, pack_options: bool = True
 ) -> np.ndarray:
-    """`compute_distributions`; `pack_options=False` forces the engine's one-row-per-option path."""
-    config = DistributionConfig(batch_size=batch_size, progress=False)
-    if pack_options:
-        res = compute_distributions(w.study, lm, None, config)
-    else:
-        engine = functools.partial(EngineConfig, pack_options=False)
-        with mock.patch("workbench.measure.distributions.EngineConfig", engine):
-            res = compute_distributions(w.study, lm, None, config)
+    """`compute_distributions`; `pack_options=False` takes the engine's one-row-per-option path
+    (`path_checks` verifies from the positions fed and rows unembedded that it did)."""
+    config = DistributionConfig(batch_size=batch_size, progress=False, pack_options=pack_options)
+    res = compute_distributions(w.study, lm, None, config)
     keyed = res.variants.set_index(["prompt_id", "option_id", "variant"])["logprob"]
     ids = res.variants.set_index(["prompt_id", "option_id", "variant"])["token_ids"]
     order = pd.MultiIndex.from_frame(w.skeleton[["prompt_id", "option_id", "variant"]])
@@ -495,6 +538,91 @@ def run_workbench(
         list(a) == list(b) for a, b in zip(ids.loc[order], w.skeleton["token_ids"], strict=True)
     )
     return keyed.loc[order].to_numpy(dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# each row checks that it ran the path it names
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    """What each method's path must feed and unembed for a workload (from the requests alone)."""
+
+    prompts: int
+    pairs: int
+    """(prompt, option) requests: the naive loop's forwards."""
+    req_tokens: int
+    """Context + continuation tokens of every pair: the naive loop's positions."""
+    contexts: int
+    """Context tokens of every prompt once: the least any path without prefix sharing feeds."""
+    packed_reads: int
+    """Distinct read positions of the option token trees (the answer position and one per
+    interior tree node): the packed path's unembedded rows."""
+    row_reads: int
+    """One read per continuation token (one per prompt under next_token): the row path's."""
+    multi_token: bool
+    """Some continuation has 2+ tokens: only then do packed and row scoring differ."""
+
+
+def path_plan(w: Workload) -> PathPlan:
+    packed = rows = 0
+    for r in w.requests:
+        packed += len({tuple(c[:j]) for c in r.continuations for j in range(len(c))})
+        rows += 1 if all(len(c) == 1 for c in r.continuations) else sum(map(len, r.continuations))
+    return PathPlan(
+        prompts=len(w.requests),
+        pairs=len(w.skeleton),
+        req_tokens=w.req_tokens,
+        contexts=sum(len(r.context) for r in w.requests),
+        packed_reads=packed,
+        row_reads=rows,
+        multi_token=any(len(c) > 1 for r in w.requests for c in r.continuations),
+    )
+
+
+def path_checks(plan: PathPlan, counts: dict[str, Counter]) -> dict[str, str]:
+    """Per method: "ok: ..." or "FAIL: ...", from the positions fed and rows unembedded that
+    the hooks counted. A method that silently took another path fails here."""
+    out: dict[str, str] = {}
+
+    def check(name: str, ok: bool, what: str) -> None:
+        out[name] = ("ok: " if ok else "FAIL: ") + what
+
+    # A request's token tree has one token per read but the answer position.
+    unshared = plan.contexts + plan.packed_reads - plan.prompts
+    for name, c in counts.items():
+        if name == "naive":
+            check(
+                name,
+                c.forwards == plan.pairs and c.positions == plan.req_tokens,
+                f"{c.forwards} forwards / {plan.pairs} pairs, {c.positions} positions / "
+                f"{plan.req_tokens} context+continuation tokens (one unbatched forward per pair)",
+            )
+        elif name == "lm-eval":
+            check(
+                name,
+                c.head_rows == c.positions >= plan.contexts,
+                f"{c.positions} positions >= {plan.contexts} context tokens (no prefix "
+                f"sharing), logits at all {c.head_rows} of them",
+            )
+        elif name == "workbench":
+            check(
+                name,
+                c.head_rows == plan.packed_reads and c.positions < unshared,
+                f"{c.head_rows} rows unembedded = {plan.packed_reads} packed reads, "
+                f"{c.positions} positions < {unshared} without prefix sharing",
+            )
+        elif name == "workbench-rows":
+            packed = counts.get("workbench")
+            fewer = packed is None or packed.positions < c.positions
+            check(
+                name,
+                plan.multi_token and c.head_rows == plan.row_reads and fewer,
+                f"{c.head_rows} rows unembedded = {plan.row_reads} continuation tokens, "
+                f"{c.positions} positions"
+                + (f" > {packed.positions} packed" if packed is not None else ""),
+            )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,11 +654,32 @@ class BenchReport:
     load_avg: tuple[float, float] = (0.0, 0.0)
     """1-minute load average before and after the timed runs (other processes skew CPU timings)."""
     markdown: str = ""
+    cell: tuple[str, str, int] = ("long", "sequence", 5)
+    """The workload: (persona prefix, scoring, options)."""
+    paths: dict[str, str] = field(default_factory=dict)
+    """Per method: "ok: ..." or "FAIL: ..." (`path_checks`)."""
 
     @property
     def exact(self) -> bool:
         """Max |delta| under the tolerance for every method pair (asserted only in float32)."""
         return all(v < TOLERANCE for v in self.max_delta.values())
+
+    @property
+    def paths_ok(self) -> bool:
+        return all(v.startswith("ok") for v in self.paths.values())
+
+    def ratio(self, name: str = "workbench") -> float:
+        """Speed of `name` against lm-eval (best times)."""
+        return self.results["lm-eval"].best / self.results[name].best
+
+    def median_ratio(self, name: str = "workbench") -> float:
+        """The same from median times: less lucky than the best on a loaded machine."""
+        return float(np.median(self.results["lm-eval"].times) / np.median(self.results[name].times))
+
+    def per_position(self, name: str = "workbench") -> float:
+        """Positions fed per second by `name` against lm-eval's."""
+        a, b = self.results[name], self.results["lm-eval"]
+        return (a.count.positions / a.best) / (b.count.positions / b.best)
 
 
 def sync(device: torch.device) -> None:
@@ -629,11 +778,6 @@ def machine(device: torch.device) -> str:
 
 
 METHODS = ("naive", "lm-eval", "workbench-rows", "workbench")
-DEFAULT_METHODS = (
-    METHODS
-    if "pack_options" in EngineConfig.__dataclass_fields__
-    else ("naive", "lm-eval", "workbench")
-)
 
 
 def render_table(report: BenchReport) -> list[list[str]]:
@@ -675,50 +819,146 @@ def render_table(report: BenchReport) -> list[list[str]]:
     return rows
 
 
-def markdown(report: BenchReport, command: str) -> str:
-    args = report.args
-    rows = render_table(report)
-    lines = [
-        "# Distributions benchmark: workbench vs lm-evaluation-harness vs a naive loop",
+def _header(reports: list[BenchReport], command: str, title: str) -> list[str]:
+    args = reports[0].args
+    return [
+        f"# {title}",
         "",
         f"- Command: `{command}`",
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {machine(torch.device(args.device))}; 1-min load average {report.load_avg[0]:.2f} before, {report.load_avg[1]:.2f} after",
+        f"- Machine: {machine(torch.device(args.device))}; 1-min load average {reports[0].load_avg[0]:.2f} before, "
+        f"{reports[-1].load_avg[1]:.2f} after",
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions().items())
         + f"; git {git_rev()}",
-        f"- Model: {report.model_stats['describe']}",
-        f"- Study: {report.study_stats['personas']:.0f} personas x {args.questions} questions x {args.options} options "
-        f"(`sequence` scoring of the option text) = {report.n_prompts} prompts, {report.n_requests} (prompt, option) requests, "
-        f"{report.req_tokens:,} context+continuation tokens; mean context {report.study_stats['context_tokens']:.1f} tokens "
-        f"(persona prefix {report.study_stats['persona_prefix_tokens']:.1f}, min {report.study_stats['min_persona_prefix_tokens']:.0f}; "
-        f"question suffix {report.study_stats['question_suffix_tokens']:.1f}), continuation {report.study_stats['continuation_tokens']:.2f} tokens",
-        f"- Settings: batch size {args.batch_size} (lm-eval and workbench), warm-up on the first persona, "
-        f"best of {args.repeats} interleaved repeats; times in s: "
+        f"- Model: {reports[0].model_stats['describe']}",
+        f"- Settings: batch size {args.batch_size} (lm-eval and workbench), per workload a warm-up on the "
+        f"first persona, then best of {args.repeats} interleaved repeats",
+    ]
+
+
+def _cell_lines(report: BenchReport) -> list[str]:
+    args, st = report.args, report.study_stats
+    persona, scoring, n_options = report.cell
+    rows = render_table(report)
+    what = "option text" if scoring == "sequence" else "option label"
+    return [
+        f"- Study: {st['personas']:.0f} personas x {args.questions} questions x {n_options} options "
+        f"(`{scoring}` scoring of the {what}, {persona} persona prefix) = {report.n_prompts} prompts, "
+        f"{report.n_requests} (prompt, option) requests, {report.req_tokens:,} context+continuation tokens; "
+        f"mean context {st['context_tokens']:.1f} tokens (persona prefix {st['persona_prefix_tokens']:.1f}, "
+        f"min {st['min_persona_prefix_tokens']:.0f}; question suffix {st['question_suffix_tokens']:.1f}), "
+        f"continuation {st['continuation_tokens']:.2f} tokens",
+        "- Times in s: "
         + "; ".join(
             f"{n} " + " ".join(f"{t:.3f}" for t in r.times) for n, r in report.results.items()
         ),
         "- Exactness: max |Δ log-prob| "
         + ", ".join(f"{k} {v:.2e}" for k, v in report.max_delta.items())
-        + f" (tolerance {TOLERANCE:g} in float32); token ids scored by lm-eval checked equal to `prompts.input_ids` + `variants.token_ids`.",
+        + f" (tolerance {TOLERANCE:g} in float32); token ids scored by lm-eval checked equal to "
+        "`prompts.input_ids` + `variants.token_ids`.",
+        "- Paths (counted with forward hooks): "
+        + "; ".join(f"{m} {v}" for m, v in report.paths.items()),
         "",
         "| " + " | ".join(rows[0]) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|",
         *("| " + " | ".join(r) + " |" for r in rows[1:]),
         "",
+    ]
+
+
+def _footnote(report: BenchReport) -> list[str]:
+    body, head = report.model_stats["flop_params"]
+    return [
         "`req tok/s`: the study's context+continuation tokens per second (the same numerator for every method). "
         "`fed tok/s`: positions actually run through the model per second, padding included (counted with a hook). "
         "FLOPs = 2 x body parameters x positions fed + 2 x unembedding parameters x rows unembedded "
-        f"(body {report.model_stats['flop_params'][0]:,}, unembedding {report.model_stats['flop_params'][1]:,}; attention scores ignored). "
+        f"(body {body:,}, unembedding {head:,}; attention scores ignored). "
         "naive: one plain HF forward of context+continuation per (prompt, option), float32 log_softmax. "
-        "lm-eval: `HFLM(pretrained=<the loaded model>, add_bos_token=True, softmax_dtype=float32).loglikelihood`. "
+        "lm-eval: `HFLM(pretrained=<the loaded model>, add_bos_token=True, softmax_dtype=float32).loglikelihood` "
+        "(its defaults otherwise; `add_bos_token` makes its encoding equal the workbench's, `softmax_dtype` is a "
+        "no-op for a float32 model). "
         "workbench: `compute_distributions(study, lm, out_dir=None)` including rendering, tokenization and the summary tables "
         "(persona prefix KV computed once per persona; each prompt's question suffix run once with all its options packed "
-        "as a token tree under a 4D attention mask). workbench-rows: the same with `EngineConfig(pack_options=False)` "
-        "(one row per (prompt, option) after the shared persona prefix).",
+        "as a token tree under a 4D attention mask). workbench-rows: the same with `DistributionConfig(pack_options=False)` "
+        "(one row per (prompt, option) after the shared persona prefix; run only where some option is 2+ tokens, "
+        "since with single-token options both are one path). "
+        "Paths: naive must run one forward per pair over exactly the context+continuation tokens; lm-eval at least every "
+        "context in full, with logits at every position; workbench logits only at the packed reads and fewer positions "
+        "than without prefix sharing; workbench-rows one read per continuation token and more positions than workbench. "
+        "A failed check exits with status 1.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def markdown(report: BenchReport, command: str) -> str:
+    title = "Distributions benchmark: workbench vs lm-evaluation-harness vs a naive loop"
+    return "\n".join([*_header([report], command, title), *_cell_lines(report), *_footnote(report)])
+
+
+def matrix_rows(reports: list[BenchReport]) -> list[list[str]]:
+    rows = [
+        [
+            "persona",
+            "scoring",
+            "options",
+            "prompts",
+            "lm-eval s",
+            "workbench s",
+            "speed vs lm-eval",
+            "(medians)",
+            "positions fed lm-eval / workbench",
+            "per position vs lm-eval",
+            "max |Δ logprob|",
+            "paths",
+        ]
+    ]
+    for r in reports:
+        lm_eval, wb = r.results["lm-eval"], r.results["workbench"]
+        rows.append(
+            [
+                r.cell[0],
+                r.cell[1],
+                str(r.cell[2]),
+                str(r.n_prompts),
+                f"{lm_eval.best:.3f}",
+                f"{wb.best:.3f}",
+                f"{r.ratio():.2f}x",
+                f"{r.median_ratio():.2f}x",
+                f"{lm_eval.count.positions:,} / {wb.count.positions:,}",
+                f"{r.per_position():.2f}x",
+                f"{r.max_delta['workbench vs lm-eval']:.1e}",
+                "ok" if r.paths_ok else "FAIL",
+            ]
+        )
+    return rows
+
+
+def markdown_matrix(reports: list[BenchReport], command: str) -> str:
+    title = "Distributions benchmark: workload matrix, workbench vs lm-evaluation-harness"
+    rows = matrix_rows(reports)
+    lo = min(reports, key=lambda r: r.ratio())
+    hi = max(reports, key=lambda r: r.ratio())
+    lines = [
+        *_header(reports, command, title),
+        f"- Range: workbench {lo.ratio():.1f}x lm-eval ({lo.cell[0]} persona, {lo.cell[1]}, {lo.cell[2]} options) "
+        f"to {hi.ratio():.1f}x ({hi.cell[0]} persona, {hi.cell[1]}, {hi.cell[2]} options); per position fed "
+        f"{min(r.per_position() for r in reports):.2f}x to {max(r.per_position() for r in reports):.2f}x; "
+        f"from median times {min(r.median_ratio() for r in reports):.1f}x to "
+        f"{max(r.median_ratio() for r in reports):.1f}x",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(rows[0]))) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows[1:]),
+        "",
+        "`speed vs lm-eval`: lm-eval's best time / the workbench's (the whole call: rendering, tokenization, "
+        "scoring, tables); `(medians)`: the same from the median times. `per position`: positions fed per second, workbench / lm-eval (what the speed would be "
+        "at equal positions fed). Every cell's full table follows.",
+        "",
+    ]
+    for r in reports:
+        lines += [f"## {r.cell[0]} persona, {r.cell[1]}, {r.cell[2]} options", "", *_cell_lines(r)]
+    return "\n".join([*lines, *_footnote(reports[0])])
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -745,7 +985,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--personas", type=int, default=12, help="number of personas (default 12)")
     ap.add_argument("--questions", type=int, default=10, help="questions per persona (default 10)")
     ap.add_argument(
-        "--options", type=int, default=5, help="Likert options per question, 2..7 (default 5)"
+        "--options", type=int, default=5, help="Likert options per question, 2..11 (default 5)"
+    )
+    ap.add_argument(
+        "--persona",
+        choices=PERSONAS,
+        default="long",
+        help="persona prefix: long (~210 tokens) or short (~25 tokens)",
+    )
+    ap.add_argument(
+        "--scoring",
+        choices=SCORINGS,
+        default="sequence",
+        help="sequence (the option text) or next_token (the label)",
+    )
+    ap.add_argument(
+        "--matrix",
+        action="store_true",
+        help="every workload: persona (long, short) x scoring (sequence, next_token) x options (2, 5, 11)",
     )
     ap.add_argument(
         "--batch-size", type=int, default=32, help="rows per forward for lm-eval and the workbench"
@@ -753,8 +1010,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per method (best counts)")
     ap.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma list of methods to run, from {', '.join(METHODS)} (default all)",
+        help=f"comma list of methods to run, from {', '.join(METHODS)} (default all; "
+        "with --matrix all but the slow naive loop)",
     )
     ap.add_argument("--shape", choices=("tiny", *SHAPES), default="tiny")
     ap.add_argument("--d-model", type=int, default=256, help="tiny shape: hidden size")
@@ -785,7 +1042,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--out",
-        help="markdown file to write ('-' for none); default results/benchmarks/distributions_<device>[_<shape>].md, none with --quick",
+        help="markdown file to write ('-' for none); default for --matrix "
+        "results/benchmarks/distributions_<device>[_<shape>].md (none with --quick), else none",
     )
     ap.add_argument(
         "--quick",
@@ -803,6 +1061,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also cProfile one extra run of this method and print the top functions",
     )
     args = ap.parse_args(argv)
+    if args.methods is None:
+        args.methods = ",".join(m for m in METHODS if not (args.matrix and m == "naive"))
     if args.quick:
         args.personas, args.questions, args.repeats = (
             min(args.personas, 2),
@@ -815,7 +1075,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         suffix = "" if args.shape == "tiny" else f"_{args.shape}"
         args.out = (
             "-"
-            if args.quick or args.dry_run
+            if args.quick or args.dry_run or not args.matrix
             else str(
                 REPO
                 / "results"
@@ -826,8 +1086,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> BenchReport | None:
-    """Run the benchmark; returns the report (None for --dry-run)."""
+def main(argv: Sequence[str] | None = None) -> list[BenchReport]:
+    """Run the benchmark; one report per workload cell (none for --dry-run)."""
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
@@ -838,8 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> BenchReport | None:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> BenchReport | None:
-    load_before = os.getloadavg()[0]
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[BenchReport]:
     command = "python -m scripts.bench_distributions " + shlex.join(
         list(argv if argv is not None else sys.argv[1:])
     )
@@ -848,13 +1107,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> BenchReport | 
     if unknown:
         raise SystemExit(f"unknown --methods {sorted(unknown)}; use {', '.join(METHODS)}")
     methods = [m for m in METHODS if m in methods or m == "lm-eval"]
-    raw = study_dict(args.personas, args.questions, args.options, args.seed)
+    cells = (
+        [(pe, sc, n) for pe in PERSONAS for sc in SCORINGS for n in MATRIX_OPTIONS]
+        if args.matrix
+        else [(args.persona, args.scoring, args.options)]
+    )
+    raw = study_dict(args.personas, args.questions, args.options, args.seed, *cells[0][:2])
     warnings.filterwarnings("ignore", message=".*pretrained.*")
+    reports = []
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         lm = build_model(args, raw, Path(tmp))
-        study = parse_study(raw, "<bench>")
-        work = make_workload(study, lm)
-        stats = study_stats(work)
         body, head = flop_params(lm.model)
         cfg = lm.model.config
         describe = (
@@ -864,49 +1126,85 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> BenchReport | 
             f"{sum(p.numel() for p in lm.model.parameters()):,} parameters, {str(lm.dtype).removeprefix('torch.')} on {lm.device}"
         )
         print(f"model: {describe}")
-        print(
-            f"study: {len(work.prompts)} prompts, {len(work.skeleton)} requests, {work.req_tokens:,} req tokens; "
-            + ", ".join(f"{k} {v:.1f}" for k, v in stats.items())
-        )
-        if stats["min_persona_prefix_tokens"] < 100:
-            print(
-                f"warning: a persona prefix is only {stats['min_persona_prefix_tokens']:.0f} tokens (< 100)"
-            )
         if args.dry_run:
+            work = make_workload(parse_study(raw, "<bench>"), lm)
             per_tok = 2 * (body + head)
             print(
-                f"dry run: ~{per_tok / 1e9:.3g} GFLOP per token fed; the study's {work.req_tokens:,} context+continuation "
-                f"tokens = {per_tok * work.req_tokens / 1e12:.3g} TFLOP if every request ran in full"
+                f"dry run: {len(work.prompts)} prompts; ~{per_tok / 1e9:.3g} GFLOP per token fed; the study's "
+                f"{work.req_tokens:,} context+continuation tokens = {per_tok * work.req_tokens / 1e12:.3g} TFLOP "
+                "if every request ran in full"
             )
-            return None
-
+            return []
         hflm = make_hflm(lm, args.batch_size)
-        check_lm_eval_tokens(hflm, work)
-        warm = make_workload(sub_study(raw, 1), lm)
-        instances, warm_instances = lm_eval_instances(work), lm_eval_instances(warm)
-        bs = args.batch_size
+        model_stats = {"describe": describe, "flop_params": (body, head)}
+        for cell in cells:
+            reports.append(run_cell(args, lm, hflm, cell, methods, model_stats))
+    text = markdown_matrix(reports, command) if args.matrix else markdown(reports[0], command)
+    for r in reports:
+        r.markdown = text
+    if args.matrix:
+        print()
+        print_table(matrix_rows(reports))
+    if args.out != "-":
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}")
+    return reports
 
-        def runner(m: str, w: Workload, inst: list[Any]) -> Callable[[], np.ndarray]:
-            if m == "naive":
-                return lambda: run_naive(lm, w)
-            if m == "lm-eval":
-                return lambda: run_lm_eval(hflm, inst)
-            return lambda: run_workbench(lm, w, bs, pack_options=m == "workbench")
 
-        results = {m: MethodResult(m) for m in methods}
+def run_cell(
+    args: argparse.Namespace,
+    lm: LoadedModel,
+    hflm: Any,
+    cell: tuple[str, str, int],
+    methods: list[str],
+    model_stats: dict[str, Any],
+) -> BenchReport:
+    """Time every method on one workload (persona, scoring, options) and check its path."""
+    load_before = os.getloadavg()[0]
+    persona, scoring, n_options = cell
+    raw = study_dict(args.personas, args.questions, n_options, args.seed, persona, scoring)
+    work = make_workload(parse_study(raw, "<bench>"), lm)
+    plan = path_plan(work)
+    if not plan.multi_token:  # packed and row scoring are one path: nothing to compare
+        methods = [m for m in methods if m != "workbench-rows"]
+    stats = study_stats(work)
+    print(
+        f"\n== {persona} persona, {scoring}, {n_options} options: {len(work.prompts)} prompts, "
+        f"{len(work.skeleton)} requests, {work.req_tokens:,} req tokens; "
+        + ", ".join(f"{k} {v:.1f}" for k, v in stats.items())
+    )
+    if persona == "long" and stats["min_persona_prefix_tokens"] < 100:
+        print(
+            f"warning: a persona prefix is only {stats['min_persona_prefix_tokens']:.0f} tokens (< 100)"
+        )
+    check_lm_eval_tokens(hflm, work)
+    warm = make_workload(sub_study(raw, 1), lm)
+    instances, warm_instances = lm_eval_instances(work), lm_eval_instances(warm)
+    bs = args.batch_size
+
+    def runner(m: str, w: Workload, inst: list[Any]) -> Callable[[], np.ndarray]:
+        if m == "naive":
+            return lambda: run_naive(lm, w)
+        if m == "lm-eval":
+            return lambda: run_lm_eval(hflm, inst)
+        return lambda: run_workbench(lm, w, bs, pack_options=m == "workbench")
+
+    results = {m: MethodResult(m) for m in methods}
+    for m in methods:
+        runner(m, warm, warm_instances)()  # warm-up on the first persona
+    for rep in range(args.repeats):
         for m in methods:
-            runner(m, warm, warm_instances)()  # warm-up on the first persona
-        for rep in range(args.repeats):
-            for m in methods:
-                with counting(lm.model) as count:
-                    elapsed, out, _ = timed(runner(m, work, instances), lm.device)
-                results[m].times.append(elapsed)
-                results[m].logprobs = out
-                results[m].count = count
-                print(f"  repeat {rep + 1}/{args.repeats}  {m:<15} {elapsed:8.3f} s")
-        if args.profile:
-            _, _, text = timed(runner(args.profile, work, instances), lm.device, profile=True)
-            print(f"\ncProfile of one {args.profile} run:\n{text}")
+            with counting(lm.model) as count:
+                elapsed, out, _ = timed(runner(m, work, instances), lm.device)
+            results[m].times.append(elapsed)
+            results[m].logprobs = out
+            results[m].count = count
+            print(f"  repeat {rep + 1}/{args.repeats}  {m:<15} {elapsed:8.3f} s")
+    if args.profile and args.profile in methods:
+        _, _, text = timed(runner(args.profile, work, instances), lm.device, profile=True)
+        print(f"\ncProfile of one {args.profile} run:\n{text}")
 
     ref = results["lm-eval"].logprobs
     assert ref is not None
@@ -924,19 +1222,17 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> BenchReport | 
         len(work.skeleton),
         work.req_tokens,
         stats,
-        {"describe": describe, "flop_params": (body, head)},
+        model_stats,
         deltas,
         (load_before, os.getloadavg()[0]),
+        cell=cell,
+        paths=path_checks(plan, {m: r.count for m, r in results.items()}),
     )
     print()
     print_table(render_table(report))
     print("max |Δ log-prob|: " + ", ".join(f"{k} {v:.2e}" for k, v in deltas.items()))
-    report.markdown = markdown(report, command)
-    if args.out != "-":
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report.markdown, encoding="utf-8")
-        print(f"wrote {out}")
+    for m, verdict in report.paths.items():
+        print(f"path {m}: {verdict}")
     return report
 
 
@@ -946,7 +1242,13 @@ def max_abs(a: np.ndarray | None, b: np.ndarray | None) -> float:
 
 
 if __name__ == "__main__":
-    rep = main()
-    if rep is not None and resolve_dtype(rep.args) == torch.float32 and not rep.exact:
-        print(f"FAIL: max |Δ log-prob| >= {TOLERANCE:g} in float32", file=sys.stderr)
-        sys.exit(1)
+    reps = main()
+    failed = False
+    for rep in reps:
+        if resolve_dtype(rep.args) == torch.float32 and not rep.exact:
+            print(f"FAIL {rep.cell}: max |Δ log-prob| >= {TOLERANCE:g} in float32", file=sys.stderr)
+            failed = True
+        if not rep.paths_ok:
+            print(f"FAIL {rep.cell}: a method did not run its path: {rep.paths}", file=sys.stderr)
+            failed = True
+    sys.exit(1 if failed else 0)

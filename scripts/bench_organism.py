@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--determinism", action="store_true", help="build twice, compare hashes")
     parser.add_argument("--write", type=Path, help="also write the table as markdown here")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
 
     columns = {
         f"{scale} / seed {seed}": measure(scale, seed, args.determinism)
@@ -117,6 +118,9 @@ def main() -> None:
             "# Model organism build benchmark",
             "",
             f"`python -m scripts.bench_organism {' '.join(sys.argv[1:])}` on {machine}.",
+            f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; git {_git_rev()}; "
+            f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+            "(build times are wall clock: compare the CPU time beside them on a loaded machine).",
             "JS = Jensen-Shannon distance (base 2) to truth.parquet; TV = total variation.",
             "",
             "| " + " | ".join(header) + " |",
@@ -126,6 +130,25 @@ def main() -> None:
         ]
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _git_rev() -> str:
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + (" (uncommitted changes)" if dirty else "")
 
 
 if __name__ == "__main__":

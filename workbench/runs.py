@@ -5,11 +5,19 @@ Layout of a run folder (file names are constants here, nowhere else):
     run.json            identity of the run (fingerprint of prompts + config + model); written first
     prompts.parquet     every prompt, written before scoring starts
     chunks/NNNNN/       one finished chunk: its tables, renamed into place atomically
+                        (NNNNN-rR when rank R > 0 of a data-parallel run wrote it)
     <table>.parquet     the consolidated tables, written when every chunk is done
     manifest.json       written last: its presence means the run completed
 
 Killing a run loses at most the chunk in flight; re-running the same command skips every
 prompt whose chunk is in place, and refuses (with the fix) to mix two different runs.
+
+Data-parallel runs (`workbench.distributed`): every rank opens the same folder; rank 0
+creates it, every rank reads which prompts are done before any rank writes (`begin`), each
+writes chunks under its own names, and after a barrier (`ranks_done`) rank 0 merges and
+writes the manifest (`finish`, which records the world size) while the others wait
+(`wait_for_finish`). The run's identity never holds the world size: a run killed under one
+world size resumes under another.
 """
 
 from __future__ import annotations
@@ -21,21 +29,26 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
+from workbench import distributed
 from workbench.errors import WorkbenchError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 CHUNKS = "chunks"
+_DROPPED = "chunks.dropped"
+"""The chunk folders a finished run no longer needs, renamed here before they are deleted."""
 FULL_VOCAB = "full_vocab.safetensors"
 ACTIVATION_INDEX = "index"
 """Activations runs: the table with one row per stored vector (`index.parquet`)."""
@@ -150,6 +163,15 @@ class RunFolder:
         # JSON round trip: tuples come back as lists, so compare what is stored.
         self.identity = json.loads(json.dumps(dict(identity), default=str))
         self.started = time.time()
+        self.ranks = distributed.current()
+        if self.ranks.is_main:
+            self._open(overwrite)
+        # the other ranks check the folder rank 0 created (or refused)
+        distributed.barrier()
+        if not self.ranks.is_main:
+            self._open(False)
+
+    def _open(self, overwrite: bool) -> None:
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -167,14 +189,38 @@ class RunFolder:
                     "resuming would mix results",
                     fix="use a new --out folder, or pass --overwrite to discard the old one",
                 )
-        elif any(self.path.iterdir()):
+        # a run.json.tmp alone: killed while writing run.json
+        elif any(p.name != f"{RUN_FILE}.tmp" for p in self.path.iterdir()):
             raise WorkbenchError(
                 f"{self.path} is not empty and is not a workbench run folder",
                 fix="use a new or empty --out folder",
             )
         else:
             write_json(run_file, {"schema_version": SCHEMA_VERSION, "identity": self.identity})
+        shutil.rmtree(self.path / _DROPPED, ignore_errors=True)
         (self.path / CHUNKS).mkdir(exist_ok=True)
+
+    def begin(self, prompts: pd.DataFrame, table: str, column: str = "prompt_id") -> set[int]:
+        """Write `prompts.parquet` (once, rank 0) and return the keys already done.
+
+        Every rank reads them before any rank writes a chunk (a barrier), so all ranks agree
+        on what is left.
+        """
+        if self.ranks.is_main and not (self.path / PROMPTS).exists():
+            self.write_table("prompts", prompts)
+        distributed.barrier()
+        done = self.done_keys(table, column) if self.chunk_dirs() else set()
+        distributed.barrier()
+        return done
+
+    def ranks_done(self) -> bool:
+        """Wait until every rank's chunks are in place; True on the rank that merges them."""
+        distributed.barrier()
+        return self.ranks.is_main
+
+    def wait_for_finish(self) -> None:
+        """The other ranks: wait until rank 0 has written the manifest."""
+        distributed.barrier()
 
     @property
     def complete(self) -> bool:
@@ -203,10 +249,11 @@ class RunFolder:
         """Write one chunk's tables (and optional safetensors, saved as `tensor_file`) and
         rename it into place."""
         n = len(self.chunk_dirs())
-        final = self.path / CHUNKS / f"{n:05d}"
+        suffix = self.ranks.chunk_suffix
+        final = self.path / CHUNKS / f"{n:05d}{suffix}"
         while final.exists():
             n += 1
-            final = self.path / CHUNKS / f"{n:05d}"
+            final = self.path / CHUNKS / f"{n:05d}{suffix}"
         tmp = final.with_name(final.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -233,15 +280,54 @@ class RunFolder:
         return path
 
     def finish(self, manifest: Mapping[str, Any], *, keep_chunks: bool = False) -> Path:
-        """Write the manifest (last), then drop the chunk folders it supersedes."""
+        """Write the manifest (last), then drop the chunk folders it supersedes.
+
+        Rank 0 only, after `ranks_done`; releases the ranks waiting in `wait_for_finish`.
+        """
         full = {
             "schema_version": SCHEMA_VERSION,
             "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "git_hash": git_hash(),
             "versions": versions(),
+            "world_size": self.ranks.world_size,
             **manifest,
         }
         write_json(self.path / MANIFEST, full)
+        chunks = self.path / CHUNKS
         if not keep_chunks:
-            shutil.rmtree(self.path / CHUNKS, ignore_errors=True)
+            # renamed first: a run killed mid-delete never leaves a half-deleted chunk behind
+            os.replace(chunks, self.path / _DROPPED)
+            shutil.rmtree(self.path / _DROPPED, ignore_errors=True)
+        else:  # chunks a killed run left half-written
+            for tmp in chunks.glob("*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
         return self.path / MANIFEST
+
+
+def retry_on_oom(
+    run: Callable[[int], T], batch_size: int, log: list[dict[str, Any]], what: str = ""
+) -> tuple[T, int]:
+    """`run(batch_size)`, halving the batch after each out-of-memory error until it fits.
+
+    Returns the result and the batch size that worked (keep it for the rest of the run: the
+    memory does not come back). Each halving is appended to `log` (for the manifest). A batch
+    of 1 that still does not fit raises the error.
+    """
+    import torch
+
+    while True:
+        try:
+            return run(batch_size), batch_size
+        except torch.OutOfMemoryError:
+            if batch_size <= 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.append({"where": what, "batch_size": batch_size, "retried_with": batch_size // 2})
+            print(
+                f"out of memory at batch size {batch_size}{' in ' + what if what else ''}: "
+                f"retrying with {batch_size // 2}",
+                file=sys.stderr,
+            )
+            batch_size //= 2

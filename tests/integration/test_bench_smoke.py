@@ -1,7 +1,9 @@
-"""The distributions benchmark runs end to end (--quick) and its methods agree exactly.
+"""The distributions benchmark runs end to end (--quick), its methods agree exactly, and every
+row ran the path it names.
 
 Asserts exactness (max |delta log-prob| < 1e-4 in float32 between the naive loop,
-lm-evaluation-harness and the workbench), not speed.
+lm-evaluation-harness and the workbench) and the path checks (positions fed and rows
+unembedded, counted with hooks), not speed.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ def bench() -> ModuleType:
 
 def test_quick_benchmark_methods_agree(bench: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
-    report = bench.main(["--quick", "--threads", "1", "--out", str(out)])
-    assert report is not None
-    assert {"naive", "lm-eval", "workbench"} <= set(report.results)
+    (report,) = bench.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert set(report.results) == {"naive", "lm-eval", "workbench-rows", "workbench"}
     for name, result in report.results.items():
         assert result.logprobs is not None, name
         assert result.logprobs.shape == (report.n_requests,), name
@@ -41,6 +42,11 @@ def test_quick_benchmark_methods_agree(bench: ModuleType, tmp_path: Path) -> Non
     )
     assert max(report.max_delta.values()) < 1e-4, report.max_delta
     assert report.exact
+    assert report.paths_ok, report.paths
+    assert set(report.paths) == set(report.results)
+    # packing the options of a prompt into one row feeds fewer positions than one row each
+    rows, packed = report.results["workbench-rows"].count, report.results["workbench"].count
+    assert packed.positions < rows.positions and packed.head_rows < rows.head_rows
     # every persona prefix of the study is 100+ tokens, as the issue's workload asks
     assert report.study_stats["min_persona_prefix_tokens"] >= 100
     text = out.read_text(encoding="utf-8")
@@ -57,4 +63,63 @@ def test_llama3_8b_shape_builds_on_meta(bench: ModuleType) -> None:
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == (4096, 32, 8)
     assert sum(p.numel() for p in lm.model.parameters()) == 8_030_261_248
     assert lm.model.get_output_embeddings().weight.shape[0] == 128256 > len(lm.tokenizer)
-    assert bench.main(["--shape", "llama3-8b", "--dry-run", "--quick"]) is None
+    assert bench.main(["--shape", "llama3-8b", "--dry-run", "--quick"]) == []
+
+
+def test_a_row_that_runs_another_path_fails_its_check(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bug this check exists for: `workbench-rows` silently running the packed path."""
+    packed_always = bench.run_workbench
+
+    def wrong(lm: object, w: object, batch_size: int, *, pack_options: bool = True) -> object:
+        return packed_always(lm, w, batch_size, pack_options=True)
+
+    monkeypatch.setattr(bench, "run_workbench", wrong)
+    (report,) = bench.main(
+        ["--quick", "--threads", "1", "--methods", "lm-eval,workbench-rows,workbench"]
+    )
+    assert report.paths["workbench-rows"].startswith("FAIL"), report.paths
+    assert report.paths["workbench"].startswith("ok") and not report.paths_ok
+
+
+def test_quick_matrix_every_cell_exact_and_on_its_path(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "matrix.md"
+    reports = bench.main(
+        [
+            "--quick",
+            "--matrix",
+            "--threads",
+            "1",
+            "--methods",
+            "lm-eval,workbench-rows,workbench",
+            "--out",
+            str(out),
+        ]
+    )
+    cells = {r.cell for r in reports}
+    assert cells == {
+        (p, s, n) for p in ("long", "short") for s in ("sequence", "next_token") for n in (2, 5, 11)
+    }
+    for r in reports:
+        assert r.exact and r.paths_ok, (r.cell, r.max_delta, r.paths)
+        # single-token options: packed and row scoring are one path, so no rows row
+        assert ("workbench-rows" in r.results) == (r.cell[1] == "sequence"), r.cell
+        assert r.ratio() > 0 and r.per_position() > 0
+    text = out.read_text(encoding="utf-8")
+    assert "python -m scripts.bench_distributions --quick --matrix" in text
+    assert text.count("| ok |") == 12 and "FAIL" not in text
+
+
+def test_quick_scaling_points(tmp_path: Path) -> None:
+    """`scripts.bench_scaling` measures every kind in its own process and writes table + figure."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(REPO))
+        scaling = importlib.import_module("scripts.bench_scaling")
+    out = tmp_path / "scaling.md"
+    rows = scaling.main(["--sizes", "20", "--samples", "2", "--out", str(out)])
+    assert [r["kind"] for r in rows] == ["distributions", "sampling", "activations"]
+    for r in rows:
+        assert r["prompts"] == 20 and r["seconds"] > 0 and r["peak_rss_mib"] > 0, r
+    assert out.with_suffix(".png").exists()
+    assert "python -m scripts.bench_scaling" in out.read_text(encoding="utf-8")

@@ -49,12 +49,39 @@ def check_out(args: argparse.Namespace, kind: str, study_name: str) -> None:
     check_out_dir(args.out, expected, overwrite=getattr(args, "overwrite", False))
 
 
+DATA_PARALLEL = ("distributions", "sample", "activations")
+"""The commands that split their prompts over the ranks of a torchrun / accelerate launch."""
+
+
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
-    """The model named by the options `add_model_args` defines."""
+    """The model named by the options `add_model_args` defines.
+
+    Under a data-parallel launch: this rank's GPU group only (before CUDA starts), and on
+    CPU an equal share of the cores per process of the node.
+    """
+    import os
+
+    from workbench import distributed
+    from workbench.errors import WorkbenchError
+
+    ranks = distributed.launched()
+    command = getattr(args, "command", None)
+    if ranks.active and command not in DATA_PARALLEL:
+        raise WorkbenchError(
+            f"`workbench {command}` does not run data-parallel yet (launched with "
+            f"WORLD_SIZE={ranks.world_size})",
+            fix=f"run it as one process, or use one of: {', '.join(DATA_PARALLEL)}",
+        )
+    distributed.select_gpus()
+    distributed.current()
+
     from workbench.engine.models import load_model, resolve_device
     from workbench.engine.threads import choose_threads
 
-    threads = choose_threads(args.threads, resolve_device(args.device))
+    device = resolve_device(args.device)
+    if ranks.active and device.type == "cpu" and args.threads == "auto":
+        args.threads = str(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
+    threads = choose_threads(args.threads, device)
     lm = load_model(
         args.model,
         dtype=args.dtype,

@@ -66,6 +66,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from workbench import distributed
 from workbench.errors import WorkbenchError
 from workbench.interp.sites import (
     POSITION_KINDS,
@@ -85,6 +86,7 @@ from workbench.runs import (
     PROMPTS,
     RunFolder,
     announce_resume,
+    retry_on_oom,
 )
 from workbench.study import prompts as P
 from workbench.study.spans import factor_spans
@@ -271,39 +273,54 @@ def capture_activations(
     }
     run = RunFolder(out_dir, identity, overwrite=overwrite)
     prompts_df = P.prompts_frame(study, prompts)
-    if not (run.path / PROMPTS).exists():
-        run.write_table("prompts", prompts_df)
-    done = run.done_keys(ACTIVATION_INDEX, "prompt_id") if run.chunk_dirs() else set()
-    if config.progress:
+    done = run.begin(prompts_df, ACTIVATION_INDEX)
+    if config.progress and run.ranks.is_main:
         announce_resume(run.path, len(done), len(prompts))
-    todo = [p for p in prompts if p.prompt_id not in done]
+    # Chunks are fixed slices of the prompt list (a batch's padding, hence its float
+    # rounding, depends on its neighbours); ranks take whole chunks, so every vector is the
+    # one a single uninterrupted process stores.
+    chunks = [
+        prompts[i : i + config.chunk_prompts] for i in range(0, len(prompts), config.chunk_prompts)
+    ]
+    chunks = [c for c in ([p for p in c if p.prompt_id not in done] for c in chunks) if c]
+    chunks = distributed.shard(chunks, len, run.ranks)
+    todo = [p for c in chunks for p in c]
     capturer = Capturer(lm, sites, config.backend)
     pad_id = lm.tokenizer.pad_token_id or 0
     factor_names = [f.name for f in study.factors]
     bar = tqdm(
-        total=len(prompts),
-        initial=len(prompts) - len(todo),
+        total=len(done) + len(todo),
+        initial=len(done),
         desc="activations",
         unit="prompt",
         disable=not config.progress,
     )
     t_capture = time.time()
-    for start in range(0, len(todo), config.chunk_prompts):
-        chunk = todo[start : start + config.chunk_prompts]
-        kept: dict[int, dict[str, Tensor]] = {}
-        for idx, ids, mask in batches(chunk, config.batch_size, pad_id):
-            batch_slots = [slots[chunk[i].prompt_id] for i in idx]
-            out = capturer.run(ids, reduction_weights(batch_slots, ids.shape[1]), mask)
-            for b, i in enumerate(idx):
-                n = len(batch_slots[b])
-                kept[chunk[i].prompt_id] = {name: v[b, :n] for name, v in out.items()}
-            bar.update(len(idx))
+    oom: list[dict[str, Any]] = []
+    batch_size = config.batch_size
+    for chunk in chunks:
+
+        def capture(size: int, chunk: list[P.Prompt] = chunk) -> dict[int, dict[str, Tensor]]:
+            kept: dict[int, dict[str, Tensor]] = {}
+            for idx, ids, mask in batches(chunk, size, pad_id):
+                batch_slots = [slots[chunk[i].prompt_id] for i in idx]
+                out = capturer.run(ids, reduction_weights(batch_slots, ids.shape[1]), mask)
+                for b, i in enumerate(idx):
+                    n = len(batch_slots[b])
+                    kept[chunk[i].prompt_id] = {name: v[b, :n] for name, v in out.items()}
+                bar.update(len(idx))
+            return kept
+
+        kept, batch_size = retry_on_oom(capture, batch_size, oom, "capture")
         index, vectors = _chunk_rows(chunk, slots, kept, sites, factor_names, config.store_dtype)
         run.write_chunk(
             {ACTIVATION_INDEX: index}, {"vectors": vectors}, tensor_file=ACTIVATION_SHARD
         )
     bar.close()
     t_capture = time.time() - t_capture
+    if not run.ranks_done():
+        run.wait_for_finish()
+        return ActivationStore.open(run.path)
 
     frames = []
     for chunk_dir in run.chunk_dirs():
@@ -340,6 +357,7 @@ def capture_activations(
             "vectors": len(index),
             "resumed_prompts": len(done),
         },
+        "out_of_memory": oom,
         "disk_estimate_bytes": est,
         "max_kept_bytes_per_batch": capturer.stats.max_kept_bytes,
         "timings_s": {"capture": round(t_capture, 3), "total": round(time.time() - t0, 3)},

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from workbench import distributed
 from workbench.engine.models import LoadedModel
 from workbench.engine.scoring import EngineConfig, Request, Scored, score_requests
-from workbench.runs import FULL_VOCAB, PROMPTS, RunFolder, announce_resume
+from workbench.runs import FULL_VOCAB, MANIFEST, RunFolder, announce_resume, retry_on_oom
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
@@ -96,29 +97,30 @@ def build_requests(
     study: Study, lm: LoadedModel, prompts: list[P.Prompt]
 ) -> tuple[list[Request], pd.DataFrame]:
     """Engine requests and the `variants` skeleton (one row per scored continuation)."""
+    targets = [(prompt, t) for prompt in prompts for t in P.option_targets(study, prompt)]
+    all_ids = P.continuation_ids_many(lm.tokenizer, study, [(p, t.surface) for p, t in targets])
     requests = []
-    rows: list[dict[str, Any]] = []
-    for prompt in prompts:
-        conts = []
-        for t in P.option_targets(study, prompt):
-            ids = P.continuation_ids(lm.tokenizer, study, prompt, t.surface)
-            conts.append(tuple(ids))
-            rows.append(
-                {
-                    "prompt_id": prompt.prompt_id,
-                    "option_id": t.option_id,
-                    "label": t.label,
-                    "position": t.position,
-                    "is_refusal": t.is_refusal,
-                    "variant": t.variant,
-                    "continuation": t.continuation,
-                    "token_ids": ids,
-                }
+    conts: list[tuple[int, ...]] = []
+    for i, ((prompt, _), ids) in enumerate(zip(targets, all_ids, strict=True)):
+        conts.append(tuple(ids))
+        if i + 1 == len(targets) or targets[i + 1][0] is not prompt:
+            requests.append(
+                Request(prompt.prompt_id, prompt.input_ids, tuple(conts), group=prompt.persona_id)
             )
-        requests.append(
-            Request(prompt.prompt_id, prompt.input_ids, tuple(conts), group=prompt.persona_id)
-        )
-    return requests, pd.DataFrame(rows)
+            conts = []
+    skeleton = pd.DataFrame(
+        {
+            "prompt_id": [p.prompt_id for p, _ in targets],
+            "option_id": [t.option_id for _, t in targets],
+            "label": [t.label for _, t in targets],
+            "position": [t.position for _, t in targets],
+            "is_refusal": [t.is_refusal for _, t in targets],
+            "variant": [t.variant for _, t in targets],
+            "continuation": [t.continuation for _, t in targets],
+            "token_ids": all_ids,
+        }
+    )
+    return requests, skeleton
 
 
 def summarize(
@@ -148,12 +150,25 @@ def summarize(
         drop=True
     )
 
-    grouped = var.groupby(["prompt_id", "option_id"], sort=True)
+    # Sorted by (prompt, option, variant) with every variant present: one option per
+    # `n_var` consecutive rows, so the per-option reductions are reshapes, not groupbys.
+    n_var = len(study.scoring.variants)
+    per_option = var["logprob"].to_numpy().reshape(-1, n_var)
     if study.scoring.aggregate == "max":
-        agg = grouped["logprob"].max()
+        agg = per_option.max(axis=1)
     else:  # log-sum-exp over variants, i.e. summing their probabilities
-        agg = grouped["logprob"].apply(lambda x: float(np.logaddexp.reduce(x.to_numpy())))
-    dist = grouped[["label", "position", "is_refusal"]].first().assign(logprob=agg).reset_index()
+        agg = np.logaddexp.reduce(per_option, axis=1)
+    first = var.iloc[::n_var]
+    dist = pd.DataFrame(
+        {
+            "prompt_id": first["prompt_id"].to_numpy(),
+            "option_id": first["option_id"].to_numpy(),
+            "label": first["label"].to_numpy(),
+            "position": first["position"].to_numpy(),
+            "is_refusal": first["is_refusal"].to_numpy(),
+            "logprob": agg,
+        }
+    )
     substantive = ~dist["is_refusal"].to_numpy()
     lp = dist["logprob"].to_numpy()
     shifted = np.where(substantive, lp, -np.inf)
@@ -170,18 +185,24 @@ def summarize(
     modal = subs.loc[subs.groupby("prompt_id")["prob"].idxmax()].set_index("prompt_id")
     values = {q.id: q.values for q in study.questions}
     exp_score: dict[int, float] = {}
-    for pid_key, grp in subs.groupby("prompt_id", sort=False):
-        pid = int(str(pid_key))
+    sub_pid = subs["prompt_id"].to_numpy()
+    sub_opt = subs["option_id"].to_numpy()
+    sub_prob = subs["prob"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, sub_pid[1:] != sub_pid[:-1]])
+    for a, b in zip(starts, [*starts[1:], len(sub_pid)], strict=True):
+        pid = int(sub_pid[a])
         v = values[question_of[pid]]
         if v is not None:
-            weights = np.asarray(v)[grp["option_id"].to_numpy()]
-            exp_score[pid] = float((grp["prob"].to_numpy() * weights).sum())
+            weights = np.asarray(v)[sub_opt[a:b]]
+            exp_score[pid] = float((sub_prob[a:b] * weights).sum())
 
     answers = torch.stack([s.answer_logprobs for s in scored])
     entropy_bits = (-(answers.exp() * answers).nan_to_num().sum(-1) / math.log(2)).tolist()
     k = min(study.scoring.top_k, answers.shape[-1])
     top = torch.topk(answers, k, dim=-1)
-    decode = lm.tokenizer.decode
+    top_ids = top.indices.tolist()
+    # One decode per distinct token, not per (prompt, rank).
+    decoded = {i: lm.tokenizer.decode([i]) for i in {i for row in top_ids for i in row}}
     stats = pd.DataFrame(
         {
             "prompt_id": keys,
@@ -191,8 +212,8 @@ def summarize(
             "modal_option_id": modal.loc[keys, "option_id"].to_numpy().astype(int),
             "modal_prob": modal.loc[keys, "prob"].to_numpy(),
             "expected_score": [exp_score.get(k_) for k_ in keys],
-            "top_token_ids": top.indices.tolist(),
-            "top_tokens": [[decode([i]) for i in row] for row in top.indices.tolist()],
+            "top_token_ids": top_ids,
+            "top_tokens": [[decoded[i] for i in row] for row in top_ids],
             "top_probs": top.values.exp().tolist(),
         }
     )
@@ -266,36 +287,43 @@ def compute_distributions(
             "dtype": str(lm.dtype),
         }
         run = RunFolder(out_dir, identity, overwrite=overwrite)
-        if not (run.path / PROMPTS).exists():
-            run.write_table("prompts", prompts_df)
-        done = run.done_keys("distributions", "prompt_id") if run.chunk_dirs() else set()
-        if config.progress:
+        done = run.begin(prompts_df, "distributions")
+        if config.progress and run.ranks.is_main:
             announce_resume(run.path, len(done), len(prompts))
 
     question_of = {p.prompt_id: p.question_id for p in prompts}
     todo = [r for r in requests if r.key not in done]
+    if run is not None and run.ranks.active:
+        # whole persona groups per rank: a group's numbers never depend on its neighbours
+        todo = distributed.shard_groups(todo, lambda r: r.group, run.ranks)
     collected: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     full_vocab: list[tuple[int, torch.Tensor]] = []
     bar = tqdm(
-        total=len(requests),
-        initial=len(requests) - len(todo),
+        total=len(done) + len(todo),
+        initial=len(done),
         desc="distributions",
         unit="prompt",
         disable=not config.progress,
     )
 
     t_score = time.time()
+    oom: list[dict[str, Any]] = []
+    batch_size = engine.batch_size
     for chunk_reqs in _chunks_by_group(todo, config.chunk_prompts):
         vocab_rows: list[tuple[int, torch.Tensor]] = []
-        scored_chunk = list(
-            score_requests(
-                lm.model,
-                chunk_reqs,
-                engine,
-                pad_id=lm.tokenizer.pad_token_id or 0,
-                on_done=bar.update,
+
+        def score(size: int, chunk_reqs: list[Request] = chunk_reqs) -> list[Scored]:
+            return list(
+                score_requests(
+                    lm.model,
+                    chunk_reqs,
+                    replace(engine, batch_size=size),
+                    pad_id=lm.tokenizer.pad_token_id or 0,
+                    on_done=bar.update,
+                )
             )
-        )
+
+        scored_chunk, batch_size = retry_on_oom(score, batch_size, oom, "scoring")
         frames = summarize(study, lm, scored_chunk, variant_skeleton, question_of)
         if study.scoring.save_full_vocab:
             vocab_rows = [(s.key, s.answer_logprobs.half()) for s in scored_chunk]
@@ -308,6 +336,9 @@ def compute_distributions(
             full_vocab.extend(vocab_rows)
     bar.close()
     t_score = time.time() - t_score
+    if run is not None and not run.ranks_done():
+        run.wait_for_finish()
+        return _finished(run.path)
 
     if run is not None:
         tables_out = {name: run.read_chunks(name) for name in TABLES}
@@ -356,6 +387,7 @@ def compute_distributions(
             "resumed_prompts": len(done),
         },
         "warnings": warnings,
+        "out_of_memory": oom,
         "timings_s": {
             "render": round(t_render, 3),
             "score": round(t_score, 3),
@@ -417,6 +449,27 @@ def option_mass_warnings(
             }
         )
     return out
+
+
+def _finished(path: Path) -> DistributionResult:
+    """A finished run folder's tables (what the ranks other than 0 return)."""
+    import json
+
+    tables = {
+        name: pd.read_parquet(path / f"{name}.parquet")
+        for name in ("prompts", *TABLES, "adjusted", "position_bias")
+    }
+    manifest = json.loads((path / MANIFEST).read_text())
+    return DistributionResult(
+        tables["prompts"],
+        tables["distributions"],
+        tables["variants"],
+        tables["prompt_stats"],
+        tables["adjusted"],
+        tables["position_bias"],
+        manifest,
+        path,
+    )
 
 
 def _chunks_by_group(requests: list[Request], size: int) -> list[list[Request]]:

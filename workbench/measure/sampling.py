@@ -50,12 +50,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from workbench import distributed
 from workbench.engine.models import LoadedModel
 from workbench.errors import WorkbenchError
 from workbench.measure import answer_position as A
 from workbench.measure import decoding as D
 from workbench.measure.answers import REFUSAL_PHRASES, Parsed, Verbalized, verbalized_example
-from workbench.runs import PROMPTS, RunFolder, announce_resume
+from workbench.runs import MANIFEST, PROMPTS, RunFolder, announce_resume
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
@@ -375,7 +376,6 @@ def compute_samples(
     per_wave = D.prompts_per_wave(lm, plans, config.n, config.batch_rows, max_new)
     waves = [plans[i : i + per_wave] for i in range(0, len(plans), per_wave)]
     waves_per_chunk = max(1, math.ceil(config.chunk_prompts / per_wave))
-    chunks = [waves[i : i + waves_per_chunk] for i in range(0, len(waves), waves_per_chunk)]
 
     run: RunFolder | None = None
     done: set[int] = set()
@@ -394,20 +394,28 @@ def compute_samples(
             "dtype": str(lm.dtype),
         }
         run = RunFolder(out_dir, identity, overwrite=overwrite)
-        if not (run.path / PROMPTS).exists():
-            run.write_table("prompts", prompts_df)
-        done = run.done_keys(SAMPLES, "prompt_id") if run.chunk_dirs() else set()
-        if config.progress:
+        done = run.begin(prompts_df, SAMPLES)
+        if config.progress and run.ranks.is_main:
             announce_resume(run.path, len(done), len(plans))
 
-    bar = tqdm(total=len(plans), desc="sampling", unit="prompt", disable=not config.progress)
+    # A wave's draws depend only on its prompts (its generator is seeded from them), so whole
+    # waves go to ranks and a wave's samples are the same at any world size or resume point.
+    todo = [w for w in waves if not all(p.prompt.prompt_id in done for p in w)]
+    skipped = len(plans) - sum(map(len, todo))
+    if run is not None:
+        todo = distributed.shard(todo, len, run.ranks)
+    chunks = [todo[i : i + waves_per_chunk] for i in range(0, len(todo), waves_per_chunk)]
+    bar = tqdm(
+        total=skipped + sum(map(len, todo)),
+        initial=skipped,
+        desc="sampling",
+        unit="prompt",
+        disable=not config.progress,
+    )
     collected: list[pd.DataFrame] = []
     t_sample = time.time()
     for chunk in chunks:
         chunk_plans = [p for wave in chunk for p in wave]
-        if all(p.prompt.prompt_id in done for p in chunk_plans):
-            bar.update(len(chunk_plans))
-            continue
         rows: list[dict[str, Any]] = []
         for wave in chunk:
             finished, records = D.run_wave(lm, wave, config, max_new, verbalized, eos)
@@ -428,6 +436,11 @@ def compute_samples(
             collected += [frame]
     bar.close()
     t_sample = time.time() - t_sample
+    if run is not None and not run.ranks_done():
+        run.wait_for_finish()
+        _, prompts_df, samples, dist = load_sampling_run(run.path)
+        manifest = json.loads((run.path / MANIFEST).read_text())
+        return SamplingResult(prompts_df, samples, dist, manifest, run.path)
 
     if run is not None:
         samples = run.read_chunks(SAMPLES)

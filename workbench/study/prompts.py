@@ -19,6 +19,7 @@ import json
 import math
 import random
 import string
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -138,7 +139,9 @@ def question_factors(study: Study, question: Question) -> set[str]:
 
 def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
     """All prompts of a study, in a deterministic order, with their exact token ids."""
-    prompts: list[Prompt] = []
+    # Render every text first, then tokenize them in one batched call (the per-prompt calls
+    # cost more than the rendering); the ids are the same as one call per text.
+    pending: list[tuple[Question, Cell, int, tuple[int, ...], str, str]] = []
     seen: set[tuple[str, str, tuple[str | None, ...], int]] = set()
     persona_names = set(study.persona_factors)
     for question in study.questions:
@@ -162,21 +165,24 @@ def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
                 # Under sequence scoring the context is fed without its trailing whitespace,
                 # which moves to the continuation (see `continuation_ids`).
                 fed = text.rstrip() if study.scoring.method == "sequence" else text
-                ids = _encode_prompt(study, fed, tokenizer)
-                prompts.append(
-                    Prompt(
-                        prompt_id=len(prompts),
-                        persona_id=persona_id(study, reduced),
-                        question_id=question.id,
-                        permutation=perm_i,
-                        order=order,
-                        factors=reduced,
-                        text=text,
-                        input_ids=tuple(ids),
-                        answer_offset=len(text),
-                    )
-                )
-    return prompts
+                pending.append((question, reduced, perm_i, order, text, fed))
+    all_ids = _encode_prompts(study, [p[5] for p in pending], tokenizer)
+    return [
+        Prompt(
+            prompt_id=i,
+            persona_id=persona_id(study, reduced),
+            question_id=question.id,
+            permutation=perm_i,
+            order=order,
+            factors=reduced,
+            text=text,
+            input_ids=tuple(ids),
+            answer_offset=len(text),
+        )
+        for i, ((question, reduced, perm_i, order, text, _), ids) in enumerate(
+            zip(pending, all_ids, strict=True)
+        )
+    ]
 
 
 def _render_text(
@@ -231,10 +237,31 @@ def _render_text(
     return rendered
 
 
-def _encode_prompt(study: Study, text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _encode_prompts(
+    study: Study, texts: list[str], tokenizer: PreTrainedTokenizerBase
+) -> list[list[int]]:
     # Chat templates write BOS themselves: adding special tokens would put a second BOS.
     add_special = study.template.format == "plain"
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    return _encode(tokenizer, texts, add_special)
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special: bool
+) -> list[list[int]]:
+    """Token ids of each text: one batched tokenizer call (the same ids as one call each).
+
+    Text-only stand-ins (`spans._TextOnly`, the organism's) are not `PreTrainedTokenizerBase`
+    and take one text per call: they get one call per text.
+    """
+    if not texts:
+        return []
+    # No transformers import here (`workbench validate` stays light): a real tokenizer means
+    # transformers is already loaded.
+    loaded = sys.modules.get("transformers")
+    base = getattr(loaded, "PreTrainedTokenizerBase", None) if loaded is not None else None
+    if base is None or not isinstance(tokenizer, base):
+        return [list(tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
 
 
 def option_targets(study: Study, prompt: Prompt) -> list[OptionTarget]:
@@ -274,17 +301,37 @@ def continuation_ids(
     are kept. If the context's tokens are not a prefix of the joint encoding, fall back to
     encoding the continuation alone (the ids actually scored are recorded either way).
     """
+    return continuation_ids_many(tokenizer, study, [(prompt, surface)])[0]
+
+
+def continuation_ids_many(
+    tokenizer: PreTrainedTokenizerBase, study: Study, pairs: list[tuple[Prompt, str]]
+) -> list[list[int]]:
+    """`continuation_ids` of every (prompt, surface) pair, with batched tokenizer calls."""
     if study.scoring.method == "next_token":
-        return list(tokenizer(surface, add_special_tokens=False)["input_ids"])
-    stripped = prompt.text.rstrip()
-    continuation = prompt.text[len(stripped) :] + surface
+        surfaces = sorted({s for _, s in pairs})
+        own = dict(zip(surfaces, _encode(tokenizer, surfaces, False), strict=True))
+        return [list(own[s]) for _, s in pairs]
+    stripped = [p.text.rstrip() for p, _ in pairs]
+    continuations = [p.text[len(st) :] + s for (p, s), st in zip(pairs, stripped, strict=True)]
     add_special = study.template.format == "plain"
-    # `render` fed exactly `stripped` under sequence scoring: reuse its ids, don't re-encode.
-    ctx_ids = list(prompt.input_ids)
-    whole = list(tokenizer(stripped + continuation, add_special_tokens=add_special)["input_ids"])
-    if whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids):
-        return whole[len(ctx_ids) :]
-    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    wholes = _encode(
+        tokenizer, [st + c for st, c in zip(stripped, continuations, strict=True)], add_special
+    )
+    out: list[list[int] | None] = []
+    fallback: list[int] = []
+    for i, ((prompt, _), whole) in enumerate(zip(pairs, wholes, strict=True)):
+        # `render` fed exactly the stripped text under sequence scoring: reuse its ids.
+        ctx_ids = list(prompt.input_ids)
+        if whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids):
+            out.append(whole[len(ctx_ids) :])
+        else:
+            out.append(None)
+            fallback.append(i)
+    alone = _encode(tokenizer, [continuations[i] for i in fallback], False)
+    for i, ids in zip(fallback, alone, strict=True):
+        out[i] = ids
+    return [ids if ids is not None else [] for ids in out]
 
 
 def validate_for_tokenizer(
