@@ -2,8 +2,8 @@
 
 `fit_logistic` and `fit_ridge` solve the same problems as scikit-learn's
 `StandardScaler` + `LogisticRegression(C)` (multinomial, L2, lbfgs) and
-`StandardScaler` + `Ridge(alpha)` (tests/unit/test_probing.py checks agreement), but for a
-whole stack of problems in one go:
+`StandardScaler` + `Ridge(alpha)` (tests/unit/test_probing.py and test_fit_speed.py check
+agreement), but for a whole stack of problems in one go:
 
     X      [layer, n, d_model]     activations of one site kind at one position
     y      [task, n]               labels (int codes, -1 = missing) or values (NaN = missing)
@@ -15,20 +15,25 @@ raw activation coordinates, so a probe's score is `x @ weight + bias` on stored 
 
 Logistic problems are independent; `_batched_lbfgs` runs L-BFGS on all of them at once,
 each with its own history, line search and stopping test, and drops a problem from the batch
-as soon as it converges. Each objective is sklearn's divided by C * n_train (same
-minimizer), with the gradient written out by hand, and the logits of all problems of a layer
-come from one wide matrix product ([n, d] @ [d, problems x classes]). As sklearn, a problem
-is fitted on the classes present in its training rows, and two classes are one binary
+as soon as it converges (finished problems cost nothing). Each objective is sklearn's divided
+by C * n_train (same minimizer), with the gradient written out by hand. Per layer the work is
+two matrix products over all of that layer's problems, shaped long-axis-last
+([problems x classes, d] @ [d, n] and [problems x classes, n] @ [n, d]; see `_lbfgs_logistic`
+for why the shape matters on CPU); everything else runs once for all layers. As sklearn, a
+problem is fitted on the classes present in its training rows, and two classes are one binary
 logistic (C halved for the two-column softmax, see `_fit_logistic_group`). Tasks with the
 same number of classes share a batch (no padded logits); `cross_validate` fits every row
-first and warm-starts each fold from that solution. Ridge problems sharing a training mask
-share one Gram matrix and are solved as one multi-output system. Memory is bounded by
-fitting layers in chunks (`memory_gb`).
+first and warm-starts each fold from that solution. Ridge is closed form (`fit_ridge`:
+batched Cholesky in float64 on the d x d or n x n normal equations, whichever is smaller;
+sklearn's `Ridge` to 1e-6). Memory is bounded by fitting layers in chunks (`memory_gb`).
+Everything runs on X's device.
 
-Precision: the solver runs in X's dtype (float32 for stored activations). On flat,
-weakly regularized problems float32 stops a little earlier than scipy's float64 L-BFGS at
-the same tolerance, so the default `tol` is 1e-5 (sklearn's is 1e-4 on the same scale); the
-unit tests and `scripts/bench_activations.py` check held-out accuracy against sklearn.
+Precision: the logistic solver runs in X's dtype (float32 for stored activations; float64
+costs 3x on CPU). On flat, weakly regularized problems float32 at tol 1e-5 reproduces
+scikit-learn run to convergence (tol 1e-6) within 0.004 held-out accuracy per fold, while
+scikit-learn at its own default 1e-4 stops up to 0.012 away from it (organism benchmark):
+the default `tol` is 1e-5. The unit tests and `scripts/bench_activations.py` check held-out
+accuracy against sklearn.
 
 Cross-validation is grouped (`grouped_folds`): whole groups (titles, persona ids) go to one
 fold, so a probe is always scored on groups it never saw. Controls (docs/MEASUREMENT.md §5):
@@ -180,12 +185,12 @@ def fit_logistic(
     T, F, _ = train.shape
     L, _, d = X.shape
     c_max = max(n_classes)
-    weight = torch.zeros(T, F, L, d, c_max, dtype=X.dtype)
-    bias = torch.full((T, F, L, c_max), float("-inf"), dtype=X.dtype)
+    weight = torch.zeros(T, F, L, d, c_max, dtype=X.dtype, device=X.device)
+    bias = torch.full((T, F, L, c_max), float("-inf"), dtype=X.dtype, device=X.device)
     gm = X.mean(1, keepdim=True)
     # Tasks with the same number of classes share one batch: no padded logits to compute.
     for k in sorted(set(n_classes)):
-        sel = torch.tensor([t for t in range(T) if n_classes[t] == k])
+        sel = torch.tensor([t for t in range(T) if n_classes[t] == k], device=X.device)
         start = None if init is None else (init.weight[sel, ..., :k], init.bias[sel, ..., :k])
         W, b = _fit_logistic_group(X, gm, y[sel], train[sel], k, C, max_iter, tol, memory_gb, start)
         weight[sel, :, :, :, :k] = W
@@ -210,15 +215,16 @@ def _fit_logistic_group(
     L, _, d = X.shape
     w = (train & (y[:, None, :] >= 0)).reshape(T * F, n).to(X.dtype)
     labels = y.clamp_min(0)[:, None, :].expand(T, F, n).reshape(T * F, n)
-    present = (nnf.one_hot(labels, k).float() * w[..., None]).sum(1) > 0  # [problem, k]
+    present = (nnf.one_hot(labels, k).to(X.dtype) * w[..., None]).sum(1) > 0  # [problem, k]
     # sklearn fits two classes as one binary logistic (one weight vector w, penalty |w|²/2);
     # the softmax over two columns is the same model with w = w1 - w2, and at its optimum
     # w1 = -w2, so its penalty (|w1|² + |w2|²)/2 = |w|²/4: halving C makes the two equal.
-    c_eff = torch.where(present.sum(-1) == 2, C / 2, C)
-    weight = torch.zeros(T * F, L, d, k, dtype=X.dtype)
-    bias = torch.zeros(T * F, L, k, dtype=X.dtype)
-    # L-BFGS keeps ~2 x history copies of the parameters; logits are [problem, layer, n, k].
-    per_layer = 4 * T * F * (d * k * 25 + 3 * n * k) + 8 * n * d
+    c_eff = torch.full((T * F,), C, dtype=X.dtype, device=X.device)
+    c_eff = torch.where(present.sum(-1) == 2, c_eff / 2, c_eff)
+    weight = torch.zeros(T * F, L, d, k, dtype=X.dtype, device=X.device)
+    bias = torch.zeros(T * F, L, k, dtype=X.dtype, device=X.device)
+    # L-BFGS keeps ~2 x history copies of the parameters; logits are [problem, layer, k, n].
+    per_layer = 4 * T * F * (d * k * 25 + 4 * n * k) + 12 * n * d
     for chunk in _layer_chunks(L, per_layer, memory_gb):
         Xc = X[chunk] - gm[chunk]
         cnt, mu, sd = _moments(Xc, w)
@@ -227,9 +233,9 @@ def _fit_logistic_group(
             w_raw = start[0].reshape(T * F, L, d, k)[:, chunk]
             b_raw = torch.nan_to_num(start[1].reshape(T * F, L, k)[:, chunk], neginf=0.0)
             offset = torch.einsum("mld,mldc->mlc", gm[chunk].squeeze(1) + mu, w_raw)
-            theta0 = torch.cat(
-                [(w_raw * sd[..., None]).flatten(2), b_raw + offset], dim=-1
-            ).reshape(-1, (d + 1) * k)
+            w_std = (w_raw * sd[..., None]).transpose(-1, -2)  # [problem, layer, k, d]
+            theta0 = torch.cat([w_std.flatten(2), b_raw + offset], dim=-1)
+            theta0 = theta0.transpose(0, 1).reshape(-1, (d + 1) * k)
         W, b = _lbfgs_logistic(Xc, w, labels, present, cnt, mu, sd, c_eff, max_iter, tol, theta0)
         weight[:, chunk] = W / sd[..., None]
         bias[:, chunk] = b - torch.einsum("mld,mldc->mlc", (gm[chunk].squeeze(1) + mu) / sd, W)
@@ -251,57 +257,71 @@ def _lbfgs_logistic(
     theta0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimize, per (problem, layer), mean NLL + ||W||^2 / (2 C n_train) in standardized
-    coordinates; returns W [problem, layer, d, C] and b [problem, layer, C]."""
-    M, _ = w.shape
+    coordinates; returns W [problem, layer, d, k] and b [problem, layer, k].
+
+    The flat problem index is layer * M + problem, so the rows `_batched_lbfgs` passes (kept
+    in ascending order) come grouped by layer and each layer is one contiguous slice.
+    Parameters are stored class-major ([k, d] per problem) so both matrix products put the
+    long axis last: logits [problems x k, n] = V [problems x k, d] @ Xc^T [d, n] and the
+    gradient [problems x k, d] = residuals [problems x k, n] @ Xc [n, d]. The transposed
+    shapes ([n, d] @ [d, few columns]) hit a slow narrow-output GEMM path on CPU (5x slower
+    at k x problems < 16 with torch 2.x + MKL, one thread).
+    """
+    M, n = w.shape
     L, _, d = Xc.shape
-    c_max = class_ok.shape[-1]
-    scale = (mu / sd).reshape(M * L, d)
-    inv_sd = (1.0 / sd).reshape(M * L, d)
-    absent = torch.where(class_ok, 0.0, -1e9)  # classes absent from a problem never win
+    k = class_ok.shape[-1]
+    dev, dt = Xc.device, Xc.dtype
+    Xt = Xc.transpose(1, 2).contiguous()
+    inv_sd = (1.0 / sd).transpose(0, 1).reshape(L * M, d)
+    scale = (mu / sd).transpose(0, 1).reshape(L * M, d)
+    absent = torch.where(class_ok, 0.0, -1e9).to(dt)  # classes absent from a problem never win
+    row_weight = w / cnt[:, None]
+    ridge = 1.0 / (C * cnt)
 
     def value_and_grad(theta: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Losses [k], gradients [k, P] and max |gradient| [k] of the (problem, layer) pairs
-        `rows` (flat index problem * L + layer), written out by hand: autograd's graph would
-        cost more than the two matmuls per layer that are the real work."""
-        m, layers = rows // L, rows % L
-        W = theta[:, : d * c_max].view(-1, d, c_max)
-        b = theta[:, d * c_max :]
-        loss = torch.empty(len(rows), dtype=theta.dtype)
-        grad_w = torch.empty_like(W)
-        grad_b = torch.empty_like(b)
-        for ell in torch.unique(layers).tolist():
-            sel = torch.nonzero(layers == ell).squeeze(1)
-            r, ms, Ws = rows[sel], m[sel], W[sel]
-            V = Ws * inv_sd[r][..., None]  # raw-coordinate weights of centred X
-            off = b[sel] - torch.einsum("kd,kdc->kc", scale[r], Ws) + absent[ms]
-            # One wide GEMM per layer ([n, d] @ [d, k * C]), not k narrow ones: rows on the
-            # first axis, (problem, class) on the others.
-            k = len(sel)
-            z = (Xc[ell] @ V.permute(1, 0, 2).reshape(d, k * c_max)).view(-1, k, c_max)
-            z = z + off[None]
-            logp = torch.log_softmax(z, -1)
-            target = labels[ms].T[..., None]  # [n, k, 1]
-            row_weight = (w[ms] / cnt[ms][:, None]).T[..., None]
-            ridge = 1.0 / (C[ms] * cnt[ms])
-            nll = -logp.gather(-1, target)
-            loss[sel] = (nll * row_weight).sum((0, 2)) + 0.5 * ridge * (Ws * Ws).sum((-1, -2))
-            resid = logp.exp().scatter_add_(-1, target, -torch.ones_like(nll)) * row_weight
-            g_b = resid.sum(0)
-            g_v = (Xc[ell].T @ resid.reshape(-1, k * c_max)).view(d, k, c_max).permute(1, 0, 2)
-            g_w = g_v * inv_sd[r][..., None]
-            grad_w[sel] = g_w - scale[r][..., None] * g_b[:, None, :] + ridge[:, None, None] * Ws
-            grad_b[sel] = g_b
-        grad = torch.cat([grad_w.reshape(len(rows), -1), grad_b], dim=1)
+        """Losses [K], gradients [K, P] and max |gradient| [K] of the (layer, problem) pairs
+        `rows` (ascending), written out by hand: autograd's graph would cost more than the
+        two matrix products per layer that are the real work, and everything but those
+        products runs once for all layers."""
+        K = len(rows)
+        m = rows % M
+        W = theta[:, : k * d].view(K, k, d)
+        isd, sc = inv_sd[rows], scale[rows]
+        V = W * isd[:, None, :]  # raw-coordinate weights of centred X
+        off = theta[:, k * d :] - (W * sc[:, None, :]).sum(-1) + absent[m]
+        ends = torch.bincount(rows // M, minlength=L).cumsum(0).tolist()
+        spans = [
+            (ell, s, e)
+            for ell, (s, e) in enumerate(zip([0, *ends[:-1]], ends, strict=True))
+            if e > s
+        ]
+        z = torch.empty(K, k, n, dtype=dt, device=dev)
+        for ell, s, e in spans:
+            torch.mm(V[s:e].reshape(-1, d), Xt[ell], out=z[s:e].view(-1, n))
+        logp = torch.log_softmax(z.add_(off[..., None]), 1)
+        target = labels[m][:, None, :]
+        rw = row_weight[m][:, None, :]
+        nll = -logp.gather(1, target)
+        rg = ridge[m]
+        loss = (nll * rw).sum((1, 2)) + 0.5 * rg * (W * W).sum((1, 2))
+        resid = logp.exp_().scatter_add_(1, target, torch.full_like(nll, -1.0)).mul_(rw)
+        g_b = resid.sum(-1)
+        g_v = torch.empty(K, k, d, dtype=dt, device=dev)
+        for ell, s, e in spans:
+            torch.mm(resid[s:e].view(-1, n), Xc[ell], out=g_v[s:e].view(-1, d))
+        g_w = g_v * isd[:, None, :] - sc[:, None, :] * g_b[..., None] + rg[:, None, None] * W
+        grad = torch.cat([g_w.reshape(K, -1), g_b], dim=1)
         return loss, grad, grad.abs().amax(-1)
 
     theta = _batched_lbfgs(
         value_and_grad,
-        torch.zeros(M * L, (d + 1) * c_max, dtype=Xc.dtype) if theta0 is None else theta0,
-        (w.sum(-1) > 0).repeat_interleave(L),
+        torch.zeros(L * M, (d + 1) * k, dtype=dt, device=dev) if theta0 is None else theta0,
+        (w.sum(-1) > 0).repeat(L),
         max_iter,
         tol,
     )
-    return theta[:, : d * c_max].view(M, L, d, c_max), theta[:, d * c_max :].view(M, L, c_max)
+    W = theta[:, : k * d].view(L, M, k, d).permute(1, 0, 3, 2)
+    return W, theta[:, k * d :].view(L, M, k).transpose(0, 1)
 
 
 def _batched_lbfgs(
@@ -334,11 +354,12 @@ def _batched_lbfgs(
             hist = [(s[keep], y[keep], rho[keep]) for s, y, rho in hist]
         if len(rows) == 0:
             break
+        # Two-loop recursion, updated in place: on CPU this loop's cost is memory traffic.
         q = g.clone()
         alphas = []
         for s, y, rho in reversed(hist):
             a = rho * (s * q).sum(-1)
-            q -= a[:, None] * y
+            q.addcmul_(a[:, None], y, value=-1.0)
             alphas.append(a)
         if hist:
             s, y, _ = hist[-1]
@@ -346,15 +367,15 @@ def _batched_lbfgs(
             gamma = torch.where(yy > 0, (s * y).sum(-1) / yy.clamp_min(1e-30), 1.0)
         else:
             gamma = 1.0 / g.abs().sum(-1).clamp_min(1.0)
-        r = gamma[:, None] * q
+        r = q.mul_(gamma[:, None])
         for (s, y, rho), a in zip(hist, reversed(alphas), strict=True):
-            r += s * (a - rho * (y * r).sum(-1))[:, None]
-        direction = -r
+            r.addcmul_((a - rho * (y * r).sum(-1))[:, None], s)
+        direction = r.neg_()
         uphill = (g * direction).sum(-1) >= 0  # lost curvature: steepest descent instead
         direction[uphill] = -g[uphill] * gamma[uphill, None]
         slope = (g * direction).sum(-1)
-        step = torch.ones(len(rows), dtype=x.dtype)
-        accepted = torch.zeros(len(rows), dtype=torch.bool)
+        step = torch.ones(len(rows), dtype=x.dtype, device=x.device)
+        accepted = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
         new_x, new_f, new_g, new_m = x.clone(), f.clone(), g.clone(), measure.clone()
         for _ls in range(30):
             pending = torch.nonzero(~accepted).squeeze(1)
@@ -388,20 +409,25 @@ def _batched_lbfgs(
 def fit_ridge(
     X: Tensor, y: Tensor, train: Tensor, *, alpha: float = 1.0, memory_gb: float = 2.0
 ) -> LinearFit:
-    """Ridge probes (unpenalized intercept) for every (task, fold, layer).
+    """Ridge probes (unpenalized intercept) for every (task, fold, layer), in closed form.
 
     X [layer, n, d], y [task, n] float (NaN = missing), train [task, fold, n] bool.
-    Problems with the same training rows share one Gram matrix (controls and targets on the
-    same rows are one multi-output solve).
+    Exactly sklearn's `StandardScaler` + `Ridge(alpha)` objective, ||y - Xs w - b||² +
+    alpha ||w||², solved from the normal equations in float64 with a batched Cholesky
+    (every layer of a chunk at once): on the d x d system (Xs'Xs + alpha I) w = Xs'y when a
+    problem has at least d training rows, else on the n x n one (Xs Xs' + alpha I) a = y,
+    w = Xs'a (the same w, and the smaller matrix). Problems with the same training rows share
+    one factorization (controls and targets on the same rows are one multi-output solve).
+    Weights come back in X's dtype and device.
     """
     T, F, n = train.shape
     L, _, d = X.shape
-    gm = X.mean(1, keepdim=True)
+    dev = X.device
     valid = train & ~torch.isnan(y)[:, None, :]
     flat = valid.reshape(T * F, n)
-    yflat = torch.nan_to_num(y)[:, None, :].expand(T, F, n).reshape(T * F, n)
-    weight = torch.zeros(T * F, L, d)
-    bias = torch.zeros(T * F, L)
+    yflat = torch.nan_to_num(y).double()[:, None, :].expand(T, F, n).reshape(T * F, n)
+    weight = torch.zeros(T * F, L, d, dtype=X.dtype, device=dev)
+    bias = torch.zeros(T * F, L, dtype=X.dtype, device=dev)
     uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
     for u in range(len(uniq)):
         rows = uniq[u]
@@ -411,22 +437,36 @@ def fit_ridge(
             continue
         Yu = yflat[members][:, rows]  # [k, n_u]
         ybar = Yu.mean(-1)
-        per_layer = 4 * (2 * n_u * d + 3 * d * d)
+        Yc = (Yu - ybar[:, None]).T  # [n_u, k]
+        m = min(n_u, d)
+        per_layer = 8 * (3 * n_u * d + 3 * m * m)
+        eye = alpha * torch.eye(m, dtype=torch.float64, device=dev)
         for chunk in _layer_chunks(L, per_layer, memory_gb):
-            Xc = X[chunk][:, rows] - gm[chunk]
-            mu = Xc.mean(1)
-            var = Xc.var(1, unbiased=False)
-            sd = torch.where(var > 1e-12 * (1.0 + (Xc * Xc).mean(1)), var.sqrt(), 1.0)
-            Xs = (Xc - mu[:, None]) / sd[:, None]
-            gram = (Xs.transpose(1, 2) @ Xs).double()
-            rhs = (Xs.transpose(1, 2) @ (Yu - ybar[:, None]).T).double()  # [l, d, k]
-            eye = torch.eye(d, dtype=torch.float64)
-            sol = torch.linalg.solve(gram + alpha * eye, rhs).float()  # [l, d, k]
-            raw = sol / sd[:, :, None]
-            weight[members, chunk] = raw.permute(2, 0, 1)
-            offset = torch.einsum("ld,ldk->lk", gm[chunk].squeeze(1) + mu, raw)
-            bias[members, chunk] = (ybar[None, :] - offset).T
+            Xu = X[chunk][:, rows].double()
+            mu = Xu.mean(1)
+            var = Xu.var(1, unbiased=False)
+            sd = torch.where(var > 1e-12 * (1.0 + mu * mu), var.sqrt(), 1.0)
+            Xs = (Xu - mu[:, None]) / sd[:, None]  # [l, n_u, d]
+            if n_u >= d:
+                sol = _spd_solve(Xs.transpose(1, 2) @ Xs + eye, Xs.transpose(1, 2) @ Yc)
+            else:
+                sol = Xs.transpose(1, 2) @ _spd_solve(
+                    Xs @ Xs.transpose(1, 2) + eye, Yc.expand(len(Xs), -1, -1)
+                )
+            raw = sol / sd[:, :, None]  # [l, d, k]
+            weight[members, chunk] = raw.permute(2, 0, 1).to(X.dtype)
+            offset = torch.einsum("ld,ldk->lk", mu, raw)
+            bias[members, chunk] = (ybar[None, :] - offset).T.to(X.dtype)
     return LinearFit(weight.reshape(T, F, L, d, 1), bias.reshape(T, F, L, 1))
+
+
+def _spd_solve(A: Tensor, B: Tensor) -> Tensor:
+    """A^-1 B for a batch of symmetric positive definite A (Cholesky); least squares where a
+    factorization fails (alpha = 0 with collinear features)."""
+    chol, info = torch.linalg.cholesky_ex(A)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(B, chol)
+    return torch.linalg.lstsq(A.cpu(), B.cpu()).solution.to(A.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,26 +508,29 @@ def cross_validate(
     C: float = 1.0,
     alpha: float = 1.0,
     max_iter: int = 500,
+    tol: float = 1e-5,
     memory_gb: float = 2.0,
 ) -> CVResult:
     """Fit every task (all of one kind) on every fold of every layer of X [layer, n, d] at
     once, plus once on all rows, and score each held-out fold. A fold's training rows are
-    exactly the used rows outside it, so no group is ever on both sides."""
+    exactly the used rows outside it, so no group is ever on both sides. Runs on X's device
+    (`tol`: the logistic stopping test, see `fit_logistic`); the result is on the CPU."""
     kinds = {t.kind for t in tasks}
     if len(kinds) != 1:
         raise ValueError(f"cross_validate needs tasks of one kind, got {sorted(kinds)}")
     L, n, _ = X.shape
     n_folds = max(int(t.folds.max()) + 1 for t in tasks)
-    train = torch.zeros(len(tasks), n_folds + 1, n, dtype=torch.bool)
+    dev = X.device
+    train = torch.zeros(len(tasks), n_folds + 1, n, dtype=torch.bool, device=dev)
     for ti, t in enumerate(tasks):
         used = t.folds >= 0
         for f in range(int(t.folds.max()) + 1):
-            train[ti, f] = torch.tensor(used & (t.folds != f))
-        train[ti, n_folds] = torch.tensor(used)
+            train[ti, f] = torch.tensor(used & (t.folds != f), device=dev)
+        train[ti, n_folds] = torch.tensor(used, device=dev)
     if tasks[0].kind == "logistic":
-        y = torch.tensor(np.stack([t.y for t in tasks]), dtype=torch.long)
+        y = torch.tensor(np.stack([t.y for t in tasks]), dtype=torch.long, device=dev)
         n_classes = [max(t.n_classes, 1) for t in tasks]
-        kw: dict[str, Any] = {"C": C, "max_iter": max_iter, "memory_gb": memory_gb}
+        kw: dict[str, Any] = {"C": C, "max_iter": max_iter, "tol": tol, "memory_gb": memory_gb}
         # Every row first; each fold then starts from that solution (same minimizers, far
         # fewer iterations: a fold drops a third of the rows at most).
         full = fit_logistic(X, y, train[:, -1:], n_classes, **kw)
@@ -499,9 +542,10 @@ def cross_validate(
             torch.cat([folds.weight, full.weight], 1), torch.cat([folds.bias, full.bias], 1)
         )
     else:
-        y = torch.tensor(np.stack([t.y for t in tasks]), dtype=torch.float32)
+        y = torch.tensor(np.stack([t.y for t in tasks]), dtype=X.dtype, device=dev)
         fit = fit_ridge(X, y, train, alpha=alpha, memory_gb=memory_gb)
-    z = fit.scores(X)  # [task, fold, layer, n, out]
+    z = fit.scores(X).cpu()  # [task, fold, layer, n, out]
+    fit = LinearFit(fit.weight.cpu(), fit.bias.cpu())
     scores = np.full((len(tasks), n_folds, L), np.nan)
     chance = np.full((len(tasks), n_folds, L), np.nan)
     preds = np.full((len(tasks), L, n), np.nan)

@@ -1,0 +1,175 @@
+"""The fast probe paths solve exactly the problems they replace (no model).
+
+Closed-form ridge is scikit-learn's `Ridge` to 1e-6 on both of its systems (d x d and n x n);
+the batched logistic reproduces converged scikit-learn per fold; warm starts and early stops
+change the work, never the answer; and the probe rows of `scripts/bench_activations.py`
+report both sides at the same tolerance with accuracy beside time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import workbench.interp.fit as fit_module
+from workbench.interp.fit import CVTask, cross_validate, fit_logistic, fit_ridge, grouped_folds
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _features(seed: int, L: int, n: int, d: int) -> np.ndarray:
+    """Uneven scales, a large offset and one constant feature (as hook_embed has)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(L, n, d)) * rng.uniform(0.1, 10.0, size=d) + 20.0
+    X[:, :, 3] = 7.0
+    return X
+
+
+def _sklearn_ridge(X: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    pipe = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X, y)
+    coef = pipe[-1].coef_ / pipe[0].scale_
+    return coef, float(pipe[-1].intercept_ - pipe[0].mean_ @ coef)
+
+
+@pytest.mark.parametrize("n", [300, 30])  # n >= d: d x d system; n < d: n x n system
+def test_ridge_is_sklearn_to_1e6(n: int) -> None:
+    d, alpha = 40, 2.0
+    X = _features(0, 2, n, d)
+    rng = np.random.default_rng(1)
+    targets = np.stack([X[1, :, :5].sum(-1) + rng.normal(size=n), rng.normal(size=n)])
+    targets[1, :4] = np.nan  # a second task on other rows: its own factorization
+    train = torch.ones(2, 1, n, dtype=torch.bool)
+    fit = fit_ridge(torch.tensor(X), torch.tensor(targets), train, alpha=alpha)
+    assert fit.weight.dtype == torch.float64
+    for task in range(2):
+        rows = ~np.isnan(targets[task])
+        for layer in range(2):
+            coef, intercept = _sklearn_ridge(X[layer][rows], targets[task][rows], alpha)
+            ours = fit.weight[task, 0, layer, :, 0].numpy()
+            assert np.abs(ours - coef).max() < 1e-6
+            assert abs(float(fit.bias[task, 0, layer, 0]) - intercept) < 1e-6
+
+
+def test_ridge_cross_validation_is_sklearn_to_1e6() -> None:
+    X = _features(2, 3, 240, 24)
+    rng = np.random.default_rng(2)
+    target = X[2, :, :4].sum(-1) + rng.normal(size=240)
+    folds = grouped_folds(rng.integers(0, 6, 240), 3)
+    cv = cross_validate(torch.tensor(X), [CVTask("ridge", target, folds)], alpha=3.0)
+    for layer in range(3):
+        for f in range(3):
+            test = folds == f
+            pipe = make_pipeline(StandardScaler(), Ridge(alpha=3.0))
+            pipe.fit(X[layer][~test], target[~test])
+            assert abs(cv.scores[0, f, layer] - pipe.score(X[layer][test], target[test])) < 1e-6
+
+
+def _classes(
+    seed: int, n_classes: int, L: int = 3, n: int = 360, d: int = 24
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    X = rng.normal(size=(L, n, d)).astype(np.float32) + 20.0
+    for layer in range(L):
+        X[layer] += 0.5 * layer * rng.normal(size=(n_classes, d)).astype(np.float32)[y]
+    return torch.tensor(X), y, grouped_folds(rng.integers(0, 6, n), 3)
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_logistic_folds_match_converged_sklearn(n_classes: int) -> None:
+    X, y, folds = _classes(3, n_classes)
+    cv = cross_validate(X, [CVTask("logistic", y, folds, n_classes)])
+    for layer in range(X.shape[0]):
+        for f in range(3):
+            test = folds == f
+            pipe = make_pipeline(StandardScaler(), LogisticRegression(tol=1e-6, max_iter=5000))
+            pipe.fit(X[layer][~test].numpy(), y[~test])
+            acc = pipe.score(X[layer][test].numpy(), y[test])
+            assert abs(cv.scores[0, f, layer] - acc) <= 0.004
+
+
+def _count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Evaluations per (layer, problem) of every `_batched_lbfgs` call from now on."""
+    counts: list[torch.Tensor] = []
+    inner = fit_module._batched_lbfgs
+
+    def counting(
+        value_and_grad: Callable[[torch.Tensor, torch.Tensor], Any],
+        theta: torch.Tensor,
+        active: torch.Tensor,
+        max_iter: int,
+        tol: float,
+        history: int = 10,
+    ) -> torch.Tensor:
+        seen = torch.zeros(theta.shape[0], dtype=torch.long)
+        counts.append(seen)
+
+        def wrapped(t: torch.Tensor, rows: torch.Tensor) -> Any:
+            assert bool((rows[1:] > rows[:-1]).all())  # layer slices need ascending rows
+            seen[rows] += 1
+            return value_and_grad(t, rows)
+
+        return inner(wrapped, theta, active, max_iter, tol, history)
+
+    monkeypatch.setattr(fit_module, "_batched_lbfgs", counting)
+    return counts
+
+
+def test_warm_start_at_the_optimum_costs_one_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converged problem leaves the batch at once; the others are unaffected."""
+    X, y, _ = _classes(4, 3)
+    yt = torch.tensor(y)[None]
+    train = torch.ones(1, 2, X.shape[1], dtype=torch.bool)
+    train[0, 1, :100] = False
+    cold = fit_logistic(X, yt, train, [3])
+    counts = _count_evaluations(monkeypatch)
+    # fold 0 starts at its own solution, fold 1 from zero
+    init = fit_module.LinearFit(
+        torch.cat([cold.weight[:, :1], torch.zeros_like(cold.weight[:, 1:])], 1),
+        torch.cat([cold.bias[:, :1], torch.zeros_like(cold.bias[:, 1:])], 1),
+    )
+    warm = fit_logistic(X, yt, train, [3], init=init)
+    (seen,) = counts
+    per = seen.view(X.shape[0], 2)  # [layer, problem]
+    assert (per[:, 0] == 1).all() and (per[1:, 1] > 10).all()
+    assert torch.allclose(warm.weight, cold.weight, atol=1e-3)
+
+
+def test_cross_validate_warm_starts_the_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    X, y, folds = _classes(5, 4)
+    counts = _count_evaluations(monkeypatch)
+    cross_validate(X, [CVTask("logistic", y, folds, 4)])
+    full, per_fold = counts
+    assert per_fold.float().mean() < full.float().mean()
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(REPO))
+        return importlib.import_module("scripts.bench_activations")
+
+
+def test_benchmark_probe_rows(bench: ModuleType) -> None:
+    """Defaults, the same tolerance on both sides, accuracy beside time, the GPU row."""
+    X, y, folds = _classes(6, 3, L=2, n=240, d=16)
+    rng = np.random.default_rng(6)
+    logistic = [CVTask("logistic", y, folds, 3)]
+    ridge = [CVTask("ridge", X[1, :, :3].sum(-1).double().numpy() + rng.normal(size=240), folds)]
+    sides = bench.bench_probes(X, logistic, ridge, repeats=1)
+    assert {s.tol for s in sides.values()} == {1e-4, 1e-5, 1e-6}
+    rows, ok = bench.probe_table(sides, "cpu", "probes")
+    assert ok
+    text = "\n".join(rows)
+    assert "same tol 0.0001" in text and "same tol 1e-6" in text and "acc " in text
+    assert "not run" in text
