@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python -m scripts.bench_survey            # table -> results/benchmarks/survey_cpu.md
     python -m scripts.bench_survey --quick --out -   # 60 questions, 20,000 rows (a smoke test)
+    python -m scripts.bench_survey --report          # + report.html: MB, widest PNG, warnings
 
 The survey (`workbench.compare.synthetic`): 1,500 questions of 2 to 11 options (non-1..N
 and nominal ordinal values, two refusal options), 60 groups over 12 attributes, 1,000,000
@@ -21,6 +22,7 @@ import platform
 import resource
 import tempfile
 import time
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +30,21 @@ from workbench.compare.comparison import CompareConfig, compare, write_compariso
 from workbench.compare.human import load_human
 from workbench.compare.synthetic import SurveyShape, make_survey, write_model_runs, write_survey
 from workbench.study.load import load_study
+
+
+def _report_note(out: Path, caught: list[warnings.WarningMessage]) -> str:
+    """Size of report.html, its images' widest width (goal: under ~2,000 px) and the warnings
+    written while drawing it (goal: none)."""
+    from PIL import Image
+
+    size = (out / "report.html").stat().st_size / 1e6
+    widths = [Image.open(p).size[0] for p in out.glob("*.png")]
+    for w in caught:
+        print(f"warning while writing the report: {w.category.__name__}: {w.message}")
+    return (
+        f"{size:.1f} MB report.html (goal < 5 MB); {len(widths)} images, the widest "
+        f"{max(widths, default=0):,} px; {len(caught)} warnings |"
+    )
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -62,12 +79,16 @@ def main(argv: list[str] | None = None) -> str:
         report = ""
         if args.report:
             t0 = time.perf_counter()
-            out = write_comparison(
-                result, Path(tmp) / "compare", {q.id: q for q in study.questions}
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = write_comparison(
+                    result, Path(tmp) / "compare", {q.id: q for q in study.questions}
+                )
             t_report = time.perf_counter() - t0
-            size = (out / "report.html").stat().st_size / 1e6
-            report = f"| report (tables + figures + report.html) | {t_report:.1f} | {size:.1f} MB report.html |"
+            report = (
+                f"| report (tables + figures + report.html) | {t_report:.1f} | "
+                + _report_note(out, caught)
+            )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     timings = result.manifest["timings_s"]
     command = (

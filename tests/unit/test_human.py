@@ -207,3 +207,72 @@ def test_unreadable_and_missing_files(tmp_path: Path, study: Study) -> None:
     (tmp_path / "h.txt").write_text("x")
     with pytest.raises(WorkbenchError, match="unsupported file type"):
         load_human(tmp_path / "h.txt", study)
+
+
+def _reference_distributions(frame: pd.DataFrame, study: Study, cells: pd.DataFrame) -> dict:
+    """The plain definition, one cell at a time: the weighted option shares of the rows that
+    match every factor the cell specifies; n = distinct respondents, Kish n of the weights."""
+    out = {}
+    for i, cell in cells.iterrows():
+        q = next(q for q in study.questions if q.id == cell["question_id"])
+        rows = frame[frame["question_id"] == q.id]
+        for f in ("party", "age"):
+            if cell[f] is not None and not pd.isna(cell[f]):
+                rows = rows[rows[f] == cell[f]]
+        mass = np.array([rows.loc[rows["answer"] == o, "weight"].sum() for o in q.all_options])
+        k = len(q.options)
+        if mass[:k].sum() <= 0:
+            continue
+        w = rows["weight"].to_numpy()
+        out[i] = (
+            mass[:k] / mass[:k].sum(),
+            1 - mass[:k].sum() / mass.sum(),
+            rows["respondent_id"].nunique(),
+            w.sum() ** 2 / (w**2).sum(),
+        )
+    return out
+
+
+@pytest.mark.parametrize("repeat_answers", [False, True])
+def test_respondent_aggregation_matches_the_plain_definition(
+    tmp_path: Path, study: Study, repeat_answers: bool
+) -> None:
+    """`distributions` groups integer codes once per pattern of specified factors (and keeps
+    the groups for the next call); every cell equals the row-by-row definition, with values
+    outside the study, empty values, a refusal option and repeated answers."""
+    rng = np.random.default_rng(1)
+    n = 400
+    frame = pd.DataFrame(
+        {
+            "respondent_id": rng.integers(0, 120, n) if repeat_answers else np.arange(n),
+            "question_id": rng.choice(["like", "economy", "other"], n, p=[0.45, 0.45, 0.1]),
+            "party": rng.choice(["Democrat", "Republican", "Green", ""], n),
+            "age": rng.choice(["30", "60", ""], n),
+            "weight": rng.uniform(0.2, 3.0, n).round(3),
+        }
+    )
+    options = {"like": ["Yes", "No", "Don't know"], "economy": ["Good", "Fair", "Poor"]}
+    frame["answer"] = [rng.choice(options.get(q, ["x"])) for q in frame["question_id"]]
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    human = load_human(tmp_path / "rows.csv", study)
+    frame = frame[frame["question_id"] != "other"].replace("", None)
+    assert human.extra_values["party"]["Green"] == int((frame["party"] == "Green").sum())
+    grid = [
+        {"question_id": q, "party": p, "age": a}
+        for q in ("like", "economy")
+        for p in (None, "Democrat", "Republican")
+        for a in (None, "30", "60")
+    ]
+    cells = _cells(grid).sample(frac=1.0, random_state=0)  # any index order
+    got = human.distributions(cells)
+    again = human.distributions(cells)  # from the kept groups
+    pd.testing.assert_frame_equal(got, again)
+    want = _reference_distributions(frame, study, cells)
+    assert set(got["cell"]) == set(want)
+    assert list(got["cell"].drop_duplicates()) == sorted(want)
+    for cell, sub in got.groupby("cell"):
+        prob, refusal, respondents, kish = want[cell]
+        np.testing.assert_allclose(sub.sort_values("option_id")["prob"], prob, rtol=1e-12)
+        assert sub["refusal"].iloc[0] == pytest.approx(refusal, rel=1e-12, abs=1e-15)
+        assert sub["n"].iloc[0] == respondents
+        assert sub["n_eff"].iloc[0] == pytest.approx(kish, rel=1e-12)

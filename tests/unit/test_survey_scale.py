@@ -217,3 +217,22 @@ def test_quick_benchmark(tmp_path: Path) -> None:
 
     text = bench_survey.main(["--quick", "--out", str(tmp_path / "b.md")])
     assert "load the human file" in text and (tmp_path / "b.md").is_file()
+
+
+def test_bootstrap_draws_are_shared_not_changed() -> None:
+    """The resample multiplicities are drawn once per (units, resamples, seed) and reused:
+    string labels (factorized) and integer labels give the numbers of fresh draws."""
+    from workbench.compare import metrics as M
+
+    rng = np.random.default_rng(3)
+    values = rng.random(300)
+    q = rng.integers(0, 40, 300)
+    p = rng.integers(0, 7, 300)
+    labels = [np.array([f"q{i:03d}" for i in q], dtype=object), p]
+    first = M.bootstrap_ci(values, labels, n_resamples=300, seed=5)
+    M.resample_counts.cache_clear()
+    fresh = M.bootstrap_ci(values, [q, p], n_resamples=300, seed=5)
+    assert first == fresh
+    draws = np.random.default_rng(5)
+    want = draws.multinomial(40, np.full(40, 1 / 40), size=300)
+    np.testing.assert_array_equal(M.resample_counts((40, 7), 300, 5)[0], want)

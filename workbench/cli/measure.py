@@ -1,5 +1,5 @@
 """Commands that run a study and compare what it measured: validate, distributions, sample,
-compare."""
+compare, report."""
 
 from __future__ import annotations
 
@@ -99,6 +99,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from workbench.compare.run_report import ReportConfig, run_report
+    from workbench.study.load import load_study
+
+    study = load_study(args.study) if args.study else None
+    config = ReportConfig(human_prob_column=args.human_prob_column, human_label=args.human_label)
+    out = run_report(args.runs, args.out, args.human, config, study=study)
+    print(f"wrote {out / 'report.html'} (standalone) and report.md")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from workbench.study.load import load_study, nominal_notes
 
@@ -185,6 +196,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("report", help="a standalone report of run folders (and human data)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    p.add_argument("--human", default=None, help="human data: adds the comparison's tables")
+    p.add_argument("--out", required=True, help="output folder (report.html, report.md, PNGs)")
+    p.add_argument("--study", default=None, help="study file (default: the first run's manifest)")
+    p.add_argument(
+        "--human-prob-column", default="prob", help="proportions file: the probability column"
+    )
+    p.add_argument("--human-label", default="human", help="name of the human source in tables")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("validate", help="check a study file without a model")
     p.add_argument("study", help="study YAML file")

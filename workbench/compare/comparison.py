@@ -180,17 +180,27 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     )
 
 
+def _pieces(column: pd.Series, prefix: str) -> np.ndarray:
+    """`prefix + value` (`*`: missing) for every row, built once per distinct value."""
+    codes, uniques = pd.factorize(column.astype("string"), use_na_sentinel=True)
+    texts = np.array([prefix + str(u) for u in uniques] + [prefix + "*"], dtype=object)
+    return texts[codes]
+
+
 def cell_key(frame: pd.DataFrame, factors: list[str]) -> pd.Series:
-    """Question + every factor value (`*`: unspecified): one survey cell."""
-    key = frame["question_id"].astype(str)
+    """Question + every factor value (`*`: unspecified): one survey cell.
+
+    Python strings (object dtype), not Arrow strings: every table of a comparison is grouped,
+    merged and factorized by this key, and Arrow-backed keys cost a conversion each time."""
+    key = _pieces(frame["question_id"], "")
     for f in factors:
-        key = key + "|" + f + "=" + frame[f].astype("string").fillna("*")
-    return key
+        key = key + _pieces(frame[f], f"|{f}=")
+    return pd.Series(key, index=frame.index, dtype=object)
 
 
 def item_key(frame: pd.DataFrame, factors: list[str]) -> pd.Series:
     """A cell asked in one option order."""
-    return cell_key(frame, factors) + "|order=" + frame["permutation"].astype(str)
+    return cell_key(frame, factors) + _pieces(frame["permutation"], "|order=")
 
 
 def _run_sources(run: Run, factors: list[str]) -> dict[str, tuple[str, pd.DataFrame]]:
@@ -240,7 +250,8 @@ def _cell_level(frame: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
     )
     out["prob"] = out["prob"] / out.groupby("cell")["prob"].transform("sum")
-    return out.assign(key=out["cell"], n=out["cell"].map(sizes), refusal=out["cell"].map(refusal))
+    cell = out["cell"].astype(object)  # the group-by made Arrow strings of the keys
+    return out.assign(cell=cell, key=cell, n=cell.map(sizes), refusal=cell.map(refusal))
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,9 +103,9 @@ def to_dense(frame: pd.DataFrame, qt: QuestionTable, key: str = "key") -> Dense:
     np.add.at(
         p, (codes, frame["option_id"].to_numpy(dtype=np.int64)), frame["prob"].to_numpy(float)
     )
-    first = pd.Series(frame["question_id"].to_numpy(), index=codes)
-    qids = first[~first.index.duplicated()].sort_index().to_numpy()
-    qidx = qt.index(qids)
+    first = np.zeros(len(uniques), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # each key's first row
+    qidx = qt.index(frame["question_id"].iloc[first].to_numpy(dtype=object))
     keep = qidx >= 0
     return Dense(np.asarray(uniques, dtype=object)[keep], qidx[keep], p[keep])
 
@@ -199,9 +199,11 @@ def floor_distances(
         ref = np.broadcast_to(rows[idx], phat.shape)
         flat_p, flat_q = phat.reshape(-1, qt.kmax), ref.reshape(-1, qt.kmax)
         q_rep = np.tile(qidx[idx], n_sims)
-        d = distances(flat_p, flat_q, q_rep, qt)
-        tv[idx] = d.tv.reshape(n_sims, -1).mean(0)
-        dist[idx] = d.distance.reshape(n_sims, -1).mean(0)
+        # TV and W1 only: JS (logarithms of every draw) would cost as much as the draws
+        d_tv = M.total_variation(flat_p, flat_q)
+        d_dist = np.where(qt.nominal[q_rep], d_tv, normalized_w1(flat_p, flat_q, q_rep, qt))
+        tv[idx] = d_tv.reshape(n_sims, -1).mean(0)
+        dist[idx] = d_dist.reshape(n_sims, -1).mean(0)
     return tv, dist
 
 

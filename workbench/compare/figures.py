@@ -128,11 +128,12 @@ def report_blocks(
             table["within floor"] = item["within_floor"].to_numpy()
             blocks += [
                 Heading("Against the logits, per prompt", 3),
-                Table(
+                _capped(
                     table,
                     "mean over prompts [bootstrap 95% interval]; TV, JS distance (base 2), "
                     "KL(logits ‖ source) in bits, normalized W1; floor: expected TV of N draws "
                     "from the logit distribution, q95: 95th percentile of its mean",
+                    "summary.parquet",
                 ),
             ]
     if len(result.rates):
@@ -215,10 +216,27 @@ def report_blocks(
         )
         blocks += [
             Heading("Distribution properties per source", 3),
-            Table(table, "mean over cells [95% interval]"),
+            _capped(table, "mean over cells [95% interval]", "properties.parquet"),
         ]
     blocks += _figures(result, questions)
     return blocks
+
+
+MAX_TABLE_ROWS = 40
+"""Rows of a per-question table shown in the report (the pooled rows first); a survey of
+1,500 questions keeps every row in its parquet file, not in a 5 MB page."""
+
+
+def _capped(table: pd.DataFrame, caption: str, file: str) -> Table:
+    if "question_id" in table.columns:
+        pooled = table["question_id"] == "all"
+        table = pd.concat([table[pooled], table[~pooled]])
+    if len(table) <= MAX_TABLE_ROWS:
+        return Table(table, caption)
+    return Table(
+        table.head(MAX_TABLE_ROWS),
+        f"{caption}. The first {MAX_TABLE_ROWS} of {len(table):,} rows; every row is in `{file}`",
+    )
 
 
 def group_blocks(result: CompareResult) -> list[Block]:
@@ -228,7 +246,11 @@ def group_blocks(result: CompareResult) -> list[Block]:
     if len(result.coverage):
         out += [
             Heading("Human data coverage", 3),
-            Table(result.coverage, "what the human file covers of the cells the study asks"),
+            _capped(
+                result.coverage,
+                "what the human file covers of the cells the study asks",
+                "coverage.parquet",
+            ),
         ]
     g = result.groups
     if len(g):

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.compare import dense as D
+from workbench.compare import metrics as M
 from workbench.compare.human import HumanData
 from workbench.study.spec import Question, Study
 
@@ -115,9 +116,7 @@ def _bootstrap(
     from one set of resamples)."""
     have = ~np.isnan(values)
     v = np.nan_to_num(values)
-    rng = np.random.default_rng(seed)
-    nq = values.shape[1]
-    w = rng.multinomial(nq, np.full(nq, 1.0 / nq), size=n_resamples).astype(float)
+    (w,) = M.resample_counts((values.shape[1],), n_resamples, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         point = v.sum(1) / have.sum(1)
         boots = (w @ v.T) / (w @ have.T)
@@ -243,10 +242,12 @@ def group_tables(
     )
     parts = []
     # the overall population as a prediction of each group
-    everyone = {q: i for i, (g, q) in enumerate(zip(groups, d.qidx, strict=True)) if g == EVERYONE}
-    rows = np.array([i for i, q in enumerate(d.qidx) if q in everyone], dtype=np.int64)
+    everyone = np.full(len(qt.ids), -1, dtype=np.int64)
+    is_everyone = groups == EVERYONE
+    everyone[d.qidx[is_everyone]] = np.flatnonzero(is_everyone)
+    rows = np.flatnonzero(everyone[d.qidx] >= 0)
     if len(rows):
-        base = np.array([everyone[q] for q in d.qidx[rows]], dtype=np.int64)
+        base = everyone[d.qidx[rows]]
         pop = _pair_rows(d, base, rows, qt).assign(
             source=POPULATION,
             group=groups[rows],
@@ -288,16 +289,20 @@ def _human_pairs(
 ) -> pd.DataFrame:
     """Every pair of groups of one factor, on the questions both have."""
     factor_of = hcells.drop_duplicates("group").set_index("group")["factor"]
-    index = {(g, q): i for i, (g, q) in enumerate(zip(groups, d.qidx, strict=True))}
+    names, gidx = np.unique(groups.astype(str), return_inverse=True)
+    # row of (group, question) in `d`, -1 where the group lacks the question
+    at = np.full((len(names), len(qt.ids)), -1, dtype=np.int64)
+    at[gidx.reshape(-1), d.qidx] = np.arange(len(groups))
+    slot = {g: i for i, g in enumerate(names)}
     rows = []
     for factor, members in factor_of.dropna().groupby(factor_of.dropna(), sort=False):
-        present = [g for g in members.index if any((g, q) in index for q in range(len(qt.ids)))]
+        present = [g for g in members.index if g in slot]
         for a, b in itertools.combinations(present, 2):
-            qs = [q for q in range(len(qt.ids)) if (a, q) in index and (b, q) in index]
-            if not qs:
+            ia, ib = at[slot[a]], at[slot[b]]
+            both = (ia >= 0) & (ib >= 0)
+            if not both.any():
                 continue
-            ia = np.array([index[(a, q)] for q in qs])
-            ib = np.array([index[(b, q)] for q in qs])
+            ia, ib = ia[both], ib[both]
             dist = D.distances(d.p[ia], d.p[ib], d.qidx[ia], qt)
             score = 1.0 - dist.distance
             point, boots, _ = _bootstrap(score[None, :], config.n_resamples, config.seed)
@@ -309,7 +314,7 @@ def _human_pairs(
                     "representativeness": float(point[0]),
                     "mean_tv": float(dist.tv.mean()),
                     "mean_js": float(dist.js.mean()),
-                    "n_questions": len(qs),
+                    "n_questions": int(both.sum()),
                     "ci_low": float(np.nanquantile(boots[:, 0], 0.025)),
                     "ci_high": float(np.nanquantile(boots[:, 0], 0.975)),
                 }

@@ -41,6 +41,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from workbench.compare.codes import Groups
 from workbench.errors import WorkbenchError
 from workbench.study.spec import Question, Study
 
@@ -76,6 +77,8 @@ class HumanData:
     """factor -> value of the file that the study lacks -> rows (in no cell naming the factor)."""
     n_rows: int = 0
     """Rows of the file (after melting a wide file)."""
+    _cache: dict[tuple[str, ...], Groups] = field(default_factory=dict, repr=False, compare=False)
+    _flags: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def respondents(self) -> int | None:
@@ -102,14 +105,36 @@ class HumanData:
             return pd.DataFrame(columns=OUT_COLUMNS)
         codes, cells = pd.factorize(long["cell"], sort=True)
         per_cell = long.groupby(codes, sort=True)[["question_id", "n", "n_eff"]].first()
-        order = list(self.questions)
-        qpos = pd.Index(order).get_indexer(pd.Index(per_cell["question_id"].astype(str)))
-        k_sub = np.array([len(self.questions[q].options) for q in order])[qpos]
-        k_all = np.array([len(self.questions[q].all_options) for q in order])
-        mass = np.zeros((len(cells), int(k_all.max())))
+        mass = np.zeros((len(cells), self._k_all))
         np.add.at(
             mass, (codes, long["option_id"].to_numpy(dtype=np.int64)), long["mass"].to_numpy(float)
         )
+        return self._finish_dense(
+            np.asarray(cells),
+            per_cell["question_id"].astype(str).to_numpy(dtype=object),
+            mass,
+            per_cell["n"].to_numpy(float),
+            per_cell["n_eff"].to_numpy(float),
+        )
+
+    @property
+    def _k_all(self) -> int:
+        return max(len(q.all_options) for q in self.questions.values())
+
+    def _finish_dense(
+        self,
+        cells: np.ndarray,
+        qids: np.ndarray,
+        mass: np.ndarray,
+        n: np.ndarray,
+        n_eff: np.ndarray,
+    ) -> pd.DataFrame:
+        """One row per cell: its label, question, option masses [cell, option], n, n_eff."""
+        if not len(cells):
+            return pd.DataFrame(columns=OUT_COLUMNS)
+        order = list(self.questions)
+        qpos = pd.Index(order).get_indexer(pd.Index(qids))
+        k_sub = np.array([len(self.questions[q].options) for q in order])[qpos]
         real = np.arange(mass.shape[1])[None, :] < k_sub[:, None]
         substantive = (mass * real).sum(1)
         total = mass.sum(1)
@@ -120,12 +145,12 @@ class HumanData:
         r, o = np.nonzero(real & keep[:, None])
         return pd.DataFrame(
             {
-                "cell": np.asarray(cells)[r],
+                "cell": cells[r],
                 "option_id": o,
                 "prob": prob[r, o],
                 "refusal": refusal[r],
-                "n": per_cell["n"].to_numpy(float)[r],
-                "n_eff": per_cell["n_eff"].to_numpy(float)[r],
+                "n": n[r],
+                "n_eff": n_eff[r],
             }
         )
 
@@ -139,34 +164,82 @@ class HumanData:
         return self._finish(merged)
 
     def _from_respondents(self, cells: pd.DataFrame) -> pd.DataFrame:
-        table = self.table
         spec = cells[list(self.factors)].notna().to_numpy()
         pattern = (
             spec @ (1 << np.arange(len(self.factors)))
             if self.factors
             else np.zeros(len(cells), int)
         )
-        parts = []
+        found, rows = [], []
         for code in np.unique(pattern):
-            names = [f for i, f in enumerate(self.factors) if code >> i & 1]
-            sub = cells.loc[pattern == code, ["question_id", *names]].astype(str)
-            sub = sub.assign(cell=cells.index[pattern == code])
-            wanted = table[table["question_id"].isin(set(sub["question_id"]))]
-            by = ["question_id", *names]
-            sums = wanted.groupby([*by, "option_id"], observed=True)["weight"].sum()
-            stats = wanted.groupby(by, observed=True).agg(
-                n=("respondent", "nunique"), w=("weight", "sum"), w2=("w2", "sum")
-            )
-            stats["n_eff"] = stats["w"] ** 2 / stats["w2"].where(stats["w2"] > 0)
-            mass = sums.rename("mass").reset_index()
-            mass = mass.merge(stats[["n", "n_eff"]].reset_index(), on=by)
-            mass[by] = mass[by].astype(str)
-            parts.append(
-                sub.merge(mass, on=by)[["cell", "question_id", "option_id", "mass", "n", "n_eff"]]
-            )
-        if not parts:
-            return pd.DataFrame(columns=OUT_COLUMNS)
-        return self._finish(pd.concat(parts, ignore_index=True))
+            names = tuple(f for i, f in enumerate(self.factors) if code >> i & 1)
+            at = np.flatnonzero(pattern == code)
+            groups = self._groups(names)
+            g = groups.find(self._row_codes(cells.iloc[at], names))
+            found.append(at[g >= 0])
+            rows.append((groups, g[g >= 0]))
+        at = np.concatenate(found)
+        order = np.argsort(cells.index.to_numpy()[at], kind="stable")
+        mass = np.concatenate([grp.mass[g] for grp, g in rows])[order]
+        n = np.concatenate([grp.n[g] for grp, g in rows])[order]
+        n_eff = np.concatenate([grp.n_eff[g] for grp, g in rows])[order]
+        at = at[order]
+        qids = cells["question_id"].astype(str).to_numpy(dtype=object)[at]
+        return self._finish_dense(cells.index.to_numpy()[at], qids, mass, n, n_eff)
+
+    def _row_codes(self, frame: pd.DataFrame, names: tuple[str, ...]) -> list[np.ndarray]:
+        """The table's category codes of `frame`'s question and `names` values (-1: absent)."""
+        table = self.table
+        out = []
+        for col in ("question_id", *names):
+            cats = table[col].cat.categories
+            values = pd.Index(frame[col].astype(str).to_numpy(dtype=object))
+            out.append(np.asarray(cats.get_indexer(values), dtype=np.int64))
+        return out
+
+    def _groups(self, names: tuple[str, ...]) -> Groups:
+        """Every (question, values of `names`) group's weighted option counts, respondents and
+        Kish n, from integer codes: one pass over the rows per pattern of specified factors,
+        kept, so the human source and the per-group tables share it."""
+        if names not in self._cache:
+            t = self.table
+            codes = [t[c].cat.codes.to_numpy(dtype=np.int64) for c in ("question_id", *names)]
+            sizes = [len(t[c].cat.categories) for c in ("question_id", *names)]
+            groups = Groups(sizes)
+            ok = np.all(np.stack(codes) >= 0, axis=0)
+            key = groups.key([c[ok] for c in codes], build=True)
+            uniq, inv = np.unique(key, return_inverse=True)
+            inv = inv.reshape(-1)
+            k_all = self._k_all
+            option = t["option_id"].to_numpy(dtype=np.int64)[ok]
+            w = t["weight"].to_numpy(dtype=float)[ok]
+            groups.uniq = uniq
+            mass = np.bincount(inv * k_all + option, weights=w, minlength=len(uniq) * k_all)
+            groups.mass = mass.astype(float).reshape(len(uniq), k_all)
+            wsum = np.bincount(inv, weights=w, minlength=len(uniq))
+            w2sum = np.bincount(inv, weights=t["w2"].to_numpy(dtype=float)[ok], minlength=len(uniq))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                groups.n_eff = np.where(w2sum > 0, wsum**2 / w2sum, np.nan)
+            respondent = t["respondent"].to_numpy(dtype=np.int64)[ok]
+            if self._one_row_per_answer() or not len(respondent):
+                groups.n = np.bincount(inv, minlength=len(uniq)).astype(float)
+            else:
+                pairs = np.unique(inv * (int(respondent.max()) + 1) + respondent)
+                groups.n = np.bincount(
+                    pairs // (int(respondent.max()) + 1), minlength=len(uniq)
+                ).astype(float)
+            self._cache[names] = groups
+        return self._cache[names]
+
+    def _one_row_per_answer(self) -> bool:
+        """No respondent answers a question twice (then a group's respondents are its rows)."""
+        if "one_row" not in self._flags:
+            t = self.table
+            pair = t["question_id"].cat.codes.to_numpy(dtype=np.int64) * (
+                int(t["respondent"].max()) + 1
+            ) + t["respondent"].to_numpy(dtype=np.int64)
+            self._flags["one_row"] = len(np.unique(pair)) == len(pair)
+        return self._flags["one_row"]
 
     def subgroup_weights(
         self, question_id: str, group: dict[str, str], by: list[str], values: list[tuple[str, ...]]
@@ -227,11 +300,29 @@ def _text(value: object) -> str | None:
     return text if text.strip() and text != "<NA>" else None
 
 
+def _coded(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """`_text` of every value as integer codes into sorted distinct texts (-1: empty).
+
+    `_text` runs once per distinct value, and the column is never turned into a million
+    Python objects (files of millions of rows)."""
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    texts = [_text(u) for u in np.asarray(uniques, dtype=object)]
+    cats = np.array(sorted({t for t in texts if t is not None}), dtype=object)
+    at = {t: i for i, t in enumerate(cats)}
+    remap = np.array([at[t] if t is not None else -1 for t in texts] + [-1], dtype=np.int64)
+    return remap[codes], cats
+
+
+def _decode(codes: np.ndarray, cats: np.ndarray) -> np.ndarray:
+    out = np.full(len(codes), None, dtype=object)
+    have = codes >= 0
+    out[have] = cats[codes[have]]
+    return out
+
+
 def _texts(column: pd.Series) -> pd.Series:
-    """`_text` of every value, computed once per distinct value (files of millions of rows)."""
-    uniques = pd.unique(column.to_numpy(dtype=object))
-    mapping = {u: _text(u) for u in uniques}
-    return column.astype(object).map(mapping)
+    """`_text` of every value (see `_coded`)."""
+    return pd.Series(_decode(*_coded(column)), index=column.index, dtype=object)
 
 
 def _option_names(question: Question, by_id: bool) -> dict[str, int]:
@@ -306,9 +397,14 @@ def load_human(path: str | Path, study: Study, *, prob_column: str = "prob") -> 
     ignored = tuple(c for c in frame.columns if c not in known)
     n_rows = len(frame)
 
-    qid = _texts(frame["question_id"]).fillna("")
-    in_study = qid.isin(set(questions))
-    extra_questions = {str(k): int(v) for k, v in qid[~in_study].value_counts().items()}
+    qcodes, qcats = _coded(frame["question_id"])
+    qcats = np.append(qcats, "")  # code -1 (empty) reads as ""
+    qcodes = np.where(qcodes < 0, len(qcats) - 1, qcodes)
+    cat_in_study = np.array([q in questions for q in qcats], dtype=bool)
+    in_study = cat_in_study[qcodes]
+    counts = np.bincount(qcodes, minlength=len(qcats))
+    extra = [i for i in np.argsort(-counts, kind="stable") if counts[i] and not cat_in_study[i]]
+    extra_questions = {str(qcats[i]): int(counts[i]) for i in extra}
     if not in_study.any():
         raise _fail(
             path,
@@ -318,22 +414,30 @@ def load_human(path: str | Path, study: Study, *, prob_column: str = "prob") -> 
             f"use the study's question ids: {', '.join(list(questions)[:10])}"
             + (", ..." if len(questions) > 10 else ""),
         )
-    frame, qid = (
-        frame[in_study.to_numpy()].reset_index(drop=True),
-        qid[in_study].reset_index(drop=True),
-    )
+    frame = frame[in_study].reset_index(drop=True)
+    qcodes = qcodes[in_study]
+    qid = qcats[qcodes]
 
     by_id = option_col == "option_id"
-    lookup = {
-        f"{q}\x1f{name}": o
-        for q, question in questions.items()
-        for name, o in _option_names(question, by_id).items()
-    }
-    answer = _texts(frame[option_col]).fillna("\x00").str.casefold()
-    option = (qid + "\x1f" + answer).map(lookup)
-    if option.isna().any():
-        i = int(np.flatnonzero(option.isna().to_numpy())[0])
-        q = questions[qid.iloc[i]]
+    names_of = {q: _option_names(question, by_id) for q, question in questions.items()}
+    acodes, acats = _coded(frame[option_col])
+    afold = np.array([a.casefold() for a in acats], dtype=object)
+    # one look-up per distinct (question, answer) pair, not per row
+    pair = qcodes.astype(np.int64) * (len(acats) + 1) + (acodes + 1)
+    upair, inverse = np.unique(pair, return_inverse=True)
+    resolved = np.array(
+        [
+            names_of[qcats[u // (len(acats) + 1)]].get(
+                afold[u % (len(acats) + 1) - 1] if u % (len(acats) + 1) else "\x00", np.nan
+            )
+            for u in upair
+        ],
+        dtype=float,
+    )
+    option = resolved[inverse.reshape(-1)]
+    if np.isnan(option).any():
+        i = int(np.flatnonzero(np.isnan(option))[0])
+        q = questions[qid[i]]
         raise _fail(
             path,
             option_col,
@@ -341,35 +445,43 @@ def load_human(path: str | Path, study: Study, *, prob_column: str = "prob") -> 
             f"use an option id 0..{len(q.all_options) - 1}, its text or label: "
             + ", ".join(q.all_options),
         )
-    table = pd.DataFrame(
-        {"question_id": qid.to_numpy(), "option_id": option.to_numpy(dtype=np.int64)}
-    )
+    table = pd.DataFrame({"question_id": qid, "option_id": option.astype(np.int64)})
 
     extra_values: dict[str, dict[str, int]] = {}
     keep = np.ones(len(frame), dtype=bool)
     for f in factors:
         allowed = set(study.factor(f).values)
-        v = _texts(frame[f])
-        unknown = v.notna() & ~v.isin(allowed)
+        codes, cats = _coded(frame[f])
+        ok_cat = np.array([c in allowed for c in cats], dtype=bool)
+        unknown = (codes >= 0) & ~np.append(ok_cat, True)[codes]
         if unknown.any():
-            if not (v.isin(allowed)).any():
+            if not ok_cat[np.unique(codes[codes >= 0])].any():
+                first = str(cats[codes[np.flatnonzero(unknown)[0]]])
                 raise _fail(
                     path,
                     f,
-                    f"none of its values is a value of factor {f!r} (e.g. {v[unknown].iloc[0]!r})",
+                    f"none of its values is a value of factor {f!r} (e.g. {first!r})",
                     f"use the study's values: {', '.join(sorted(allowed))}, or leave it empty "
                     "(unspecified)",
                 )
-            extra_values[f] = {str(k): int(c) for k, c in v[unknown].value_counts().items()}
+            n_of = np.bincount(codes[unknown], minlength=len(cats))
+            order = np.argsort(-n_of, kind="stable")
+            extra_values[f] = {str(cats[i]): int(n_of[i]) for i in order if n_of[i]}
             if fmt == "proportions":
-                keep &= ~unknown.to_numpy()
-        table[f] = pd.Categorical(v.to_numpy(dtype=object))
+                keep &= ~unknown
+        table[f] = pd.Categorical.from_codes(codes, categories=pd.Index(cats, dtype=object))
 
-    raw = frame[value_col] if value_col in frame.columns else pd.Series(1.0, index=frame.index)
-    text = _texts(raw)
-    number = pd.to_numeric(text, errors="coerce")
+    if value_col in frame.columns:
+        raw = frame[value_col]
+        vcodes, vcats = _coded(raw)
+        vnum = pd.to_numeric(pd.Series(vcats, dtype=object), errors="coerce").to_numpy(float)
+        number = pd.Series(np.append(vnum, np.nan)[vcodes], dtype=float)
+        missing = pd.Series(vcodes < 0)
+    else:
+        raw = pd.Series(1.0, index=frame.index)
+        number, missing = pd.Series(np.ones(len(frame))), pd.Series(np.zeros(len(frame), bool))
     if fmt == "respondents":
-        number = number.where(text.notna(), 1.0)
+        number = number.where(~missing, 1.0)
     bad = ~np.isfinite(number.to_numpy(dtype=float)) | (number.to_numpy(dtype=float) < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])

@@ -33,11 +33,13 @@ Definitions (and the units each number is in):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
 Array = NDArray[np.float64]
@@ -372,17 +374,13 @@ def bootstrap_ci(
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     if not labels:
         labels = [np.arange(v.size)]
-    rng = np.random.default_rng(seed)
-    idxs, counts = [], []
+    idxs = []
     for lab in labels:
-        _, idx = np.unique(lab, return_inverse=True)
-        n_units = int(idx.max()) + 1
-        idxs.append(idx)
-        counts.append(
-            rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_resamples).astype(
-                np.float64
-            )
-        )
+        # pandas' sorted factorize gives np.unique's codes without sorting Python objects
+        idx = pd.factorize(lab, sort=True)[0] if lab.dtype == object else None
+        idxs.append(idx if idx is not None else np.unique(lab, return_inverse=True)[1])
+    n_units = tuple(int(idx.max()) + 1 for idx in idxs)
+    counts = list(resample_counts(n_units, n_resamples, seed))
     stat = statistic or _weighted_mean
     point = float(stat(v, w_row[None, :])[0])
     if statistic is None and len(idxs) in (1, 2):
@@ -396,6 +394,20 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(boots, [alpha, 1.0 - alpha]) if boots.size else (np.nan, np.nan)
     return Estimate(point, float(lo), float(hi), int(v.size))
+
+
+@functools.lru_cache(maxsize=16)
+def resample_counts(n_units: tuple[int, ...], n_resamples: int, seed: int) -> tuple[Array, ...]:
+    """[resample, unit] multiplicities of each unit in each resample, drawn in order from one
+    generator seeded with `seed`. Kept (read-only): a comparison bootstraps many statistics
+    over the same questions and personas, and these draws cost more than the statistic."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in n_units:
+        c = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(np.float64)
+        c.flags.writeable = False
+        out.append(c)
+    return tuple(out)
 
 
 def _cluster_means(v: Array, w: Array, idxs: list[NDArray[np.int64]], counts: list[Array]) -> Array:

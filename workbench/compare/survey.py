@@ -119,7 +119,7 @@ def structural_groups(
     for s in persona_sigs:
         values = dict(zip(factors, s, strict=True))
         given = frozenset(f for f in factors if values[f] is not None)
-        for other in specsets:
+        for other in sorted(specsets, key=sorted):  # sets iterate in hash order
             extra = other - given
             if given < other and extra <= persona:
                 candidates.append((s, tuple(f for f in factors if f in extra)))
@@ -227,7 +227,7 @@ def structural_gaps(
     links = g[["gid", "members", "weights"]].explode(["members", "weights"])
     rows = []
     for name, frame in cell_sources.items():
-        qs = sorted(set(frame["question_id"]))
+        qs = sorted(frame["question_id"].unique())
         kmax = max((len(questions[q].options) for q in qs if q in questions), default=0)
         kmax = max(kmax, int(frame["option_id"].max()) + 1 if len(frame) else 1)
         codes, keys = pd.factorize(frame["key"], sort=True)
