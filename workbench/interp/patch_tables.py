@@ -111,7 +111,8 @@ def heatmap(table: pd.DataFrame, metric: str = "normalized_effect") -> Figure:
         if k in set(t["site_kind"])
     ]
     positions = [p for p in POSITIONS if p in set(t["position"])]
-    fig = Figure(figsize=(3.2 * len(kinds), 2.6 * len(panels)))
+    # Constrained layout keeps the panels' two-line titles clear of the tick labels above.
+    fig = Figure(figsize=(3.2 * len(kinds) + 1.2, 2.8 * len(panels) + 0.6), layout="constrained")
     axes = fig.subplots(len(panels), len(kinds), squeeze=False)
     for i, (q, d) in enumerate(panels):
         for j, kind in enumerate(kinds):
@@ -121,7 +122,9 @@ def heatmap(table: pd.DataFrame, metric: str = "normalized_effect") -> Figure:
             )
             ax = axes[i][j]
             im = ax.imshow(grid.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
-            ax.set_xticks(range(len(positions)), positions, rotation=45, ha="right", fontsize=7)
+            bottom = i == len(panels) - 1
+            labels = positions if bottom else [""] * len(positions)
+            ax.set_xticks(range(len(positions)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(grid.index)), [str(x) for x in grid.index], fontsize=7)
             ax.set_title(f"{q} {d}\n{kind}", fontsize=8)
             if j == 0:
