@@ -15,6 +15,15 @@ from workbench.tiny import build_tiny_model
 # (several threads on a busy 2-core machine slowed their matrix products tenfold).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test() -> Any:
+    """CLI tests run `--threads auto`, which may set more threads for the rest of the
+    process; later tests must not depend on which CLI test ran before them."""
+    yield
+    torch.set_num_threads(1)
+
+
 _EXAMPLE_STUDY: dict[str, Any] = {
     "name": "example",
     "factors": [

@@ -41,6 +41,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options of every command that writes a resumable run folder."""
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def check_out(args: argparse.Namespace, kind: str, study_name: str) -> None:
     """Refuse an --out folder holding another run before the model loads (seconds to minutes)."""
     from workbench.runs import check_out_dir

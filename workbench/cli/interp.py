@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import add_model_args, check_out, load_model_from_args, split_list
+from workbench.cli.common import (
+    add_model_args,
+    add_run_args,
+    check_out,
+    load_model_from_args,
+    split_list,
+)
 from workbench.errors import WorkbenchError
 
 
@@ -237,8 +243,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     p.add_argument("--chunk-prompts", type=int, default=256, help="prompts per shard")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p)
     p.set_defaults(func=_cmd_activations)
 
     p = sub.add_parser("probe", help="linear probes with grouped CV and controls")
@@ -297,8 +302,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=64, help="patched forwards per batch")
     p.add_argument("--chunk-pairs", type=int, default=64, help="pairs per chunk on disk")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p)
     p.set_defaults(func=_cmd_patch)
 
     p = sub.add_parser("attribute", help="attribution patching (atp) or integrated gradients (ig)")
@@ -335,8 +339,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--prompts", type=int, default=None, help="ig: at most N prompts")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p)
     p.set_defaults(func=_cmd_attribute)
 
     p = sub.add_parser("effects", help="AMCEs and factor importance of a distributions run")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import add_model_args, check_out, load_model_from_args
+from workbench.cli.common import add_model_args, add_run_args, check_out, load_model_from_args
 from workbench.errors import WorkbenchError
 
 
@@ -138,8 +138,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--no-share-prefix", action="store_true", help="do not reuse persona-prefix KV caches"
     )
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p)
     p.set_defaults(func=_cmd_distributions)
 
     p = sub.add_parser("sample", help="N sampled (or verbalized) answers per prompt, parsed")
@@ -172,8 +171,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--chunk-prompts", type=int, default=256, help="prompts per chunk written to disk"
     )
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("compare", help="compare run folders with each other and human data")

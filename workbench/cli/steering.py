@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from workbench.cli.common import add_model_args, load_model_from_args, split_list
+from workbench.cli.common import add_model_args, add_run_args, load_model_from_args, split_list
 from workbench.errors import WorkbenchError
 
 
@@ -39,8 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per forward")
     p.add_argument("--out", required=True, help="run folder (re-running resumes it)")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p)
 
 
 def _add_steer_parser(sub: Any) -> argparse.ArgumentParser:
