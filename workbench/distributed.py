@@ -2,17 +2,22 @@
 
 Launched under `torchrun --nproc-per-node N` or `accelerate launch` (both set RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; several nodes
-too), `workbench distributions | sample | activations` split the study's prompts over the
-ranks, every rank writes its own chunk files into the one run folder, and rank 0 merges
-them and writes the manifest last. Only barriers cross processes, so the process group is
-gloo whatever the device: no tensor is ever communicated, and gloo waits on the CPU for as
-long as the slowest rank needs (`WORKBENCH_DIST_TIMEOUT_S`, default 24 hours).
+too), `workbench distributions | sample | activations | patch | attribute | steer |
+mediate` split their work over the ranks, every rank writes its own chunk files into the
+one run folder, and rank 0 merges them, computes what needs every row (bootstrap
+intervals, figures) and writes the manifest last. Only barriers and a few counters
+(`sum_over_ranks`) cross processes, so the process group is gloo whatever the device: no
+activation is ever communicated, and gloo waits on the CPU for as long as the slowest rank
+needs (`WORKBENCH_DIST_TIMEOUT_S`, default 24 hours). `probe` runs no model: rank 0 does
+the work `alone()` while the others wait.
 
 Results do not depend on the world size: the units handed to ranks are the units whose
 numbers never depend on what runs beside them (a persona's prefix group for
 distributions, a chunk of seeded waves for sampling, a fixed chunk of prompts for
-activations), so every rank computes exactly what one process would, and a resumed run may
-use another world size.
+activations, a fixed chunk of pairs for patching and attribution patching, of prompts for
+integrated gradients, a direction for steering, a method x subspace for mediation), so
+every rank computes exactly what one process would, and a resumed run may use another
+world size.
 
 GPUs: each rank sees its own group of GPUs (`CUDA_VISIBLE_DEVICES`, set before CUDA starts):
 `LOCAL_WORLD_SIZE` ranks on a node with G GPUs get G / LOCAL_WORLD_SIZE GPUs each, so
@@ -23,7 +28,8 @@ parallel inside data parallel). With more ranks than GPUs, ranks share GPUs roun
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -60,8 +66,15 @@ class Ranks:
         return f"-r{self.rank}" if self.rank else ""
 
 
+_alone = False
+"""Set inside `alone()`: this process acts as a one-process run."""
+
+
 def launched() -> Ranks:
-    """The ranks a launcher (torchrun, accelerate launch) put in the environment."""
+    """The ranks a launcher (torchrun, accelerate launch) put in the environment (a
+    one-process run inside `alone()`)."""
+    if _alone:
+        return Ranks()
     env = os.environ
 
     def get(name: str, default: int) -> int:
@@ -102,6 +115,32 @@ def barrier() -> None:
 
         current()
         dist.barrier()
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Element-wise sums of `values` over the ranks (the values in a one-process run): a
+    run's counters and timings for its manifest. Every rank must call it (it waits for all)."""
+    if not launched().active:
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    current()
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(total)
+    return [float(v) for v in total.tolist()]
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process is a one-process run (no barrier, rank 0 of 1): the
+    work one rank of a launch does by itself while the others wait for it at a barrier."""
+    global _alone
+    was, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = was
 
 
 def gpu_group(local_rank: int, local_world_size: int, n_gpus: int) -> list[int]:

@@ -30,7 +30,8 @@ from workbench.errors import StudyError, WorkbenchError
 from workbench.interp import attribution as A
 from workbench.interp import gradients as G
 from workbench.interp.attribution_tables import COLUMNS, agreement
-from workbench.interp.patching import PatchConfig, _reader, patch_factor
+from workbench.interp.patching import PatchConfig, patch_factor
+from workbench.interp.readers import reader
 from workbench.study import prompts as P
 from workbench.study.load import load_study
 
@@ -62,7 +63,7 @@ def test_ig_equals_captum(organism: tuple[Any, LoadedModel], method: str) -> Non
 
     study, lm = organism
     prompt = _rating_prompt(study, lm)
-    metric = G.metric_fn("expected_score", _reader(study, lm, prompt), study.scoring.aggregate)
+    metric = G.metric_fn("expected_score", reader(study, lm, prompt), study.scoring.aggregate)
     ids = list(prompt.input_ids)
     pad = [i if i == lm.tokenizer.bos_token_id else lm.tokenizer.pad_token_id for i in ids]
     other = G.counterfactual_ids(study, [prompt], ["actor"], lm.tokenizer)[

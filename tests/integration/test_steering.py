@@ -28,9 +28,9 @@ from workbench.interp import intervene as IV
 from workbench.interp import steering as ST
 from workbench.interp.activations import ActivationConfig, capture_activations
 from workbench.interp.directions import ProbeRun
-from workbench.interp.patching import _reader
 from workbench.interp.probe_study import ProbeConfig, ProbeSpec
 from workbench.interp.probing import run_probes
+from workbench.interp.readers import reader
 from workbench.study import prompts as P
 from workbench.study.load import load_study
 
@@ -119,7 +119,7 @@ def test_alpha_zero_is_the_unsteered_run(setup: Any, actor: ST.SteerResult) -> N
         p = by_id[int(pid)]
         with torch.inference_mode():
             logits = lm.model(input_ids=torch.tensor([p.input_ids])).logits[0, -1].float()
-        (plain,) = IV.read(torch.log_softmax(logits, -1)[None], [_reader(study, lm, p)], "sum")
+        (plain,) = IV.read(torch.log_softmax(logits, -1)[None], [reader(study, lm, p)], "sum")
         assert abs(plain.score - score) < 1e-6
         assert max(abs(a - b) for a, b in zip(plain.probs, probs, strict=True)) < 1e-6
 

@@ -55,8 +55,24 @@ def check_out(args: argparse.Namespace, kind: str, study_name: str) -> None:
     check_out_dir(args.out, expected, overwrite=getattr(args, "overwrite", False))
 
 
-DATA_PARALLEL = ("distributions", "sample", "activations")
-"""The commands that split their prompts over the ranks of a torchrun / accelerate launch."""
+DATA_PARALLEL = (
+    "distributions",
+    "sample",
+    "activations",
+    "patch",
+    "attribute",
+    "steer",
+    "mediate",
+)
+"""The commands that split their work over the ranks of a torchrun / accelerate launch."""
+
+
+def is_main_rank() -> bool:
+    """False on the ranks other than 0 of a data-parallel launch: they print no summary
+    (rank 0 prints the one run they all wrote)."""
+    from workbench import distributed
+
+    return distributed.launched().is_main
 
 
 def load_model_from_args(args: argparse.Namespace) -> LoadedModel:

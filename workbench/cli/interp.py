@@ -9,6 +9,7 @@ from workbench.cli.common import (
     add_model_args,
     add_run_args,
     check_out,
+    is_main_rank,
     load_model_from_args,
     split_list,
 )
@@ -42,6 +43,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
+    from workbench import distributed
     from workbench.interp.activations import ActivationStore
     from workbench.interp.probe_study import ProbeConfig, ProbeSpec, load_probe_study
     from workbench.interp.probing import run_probes
@@ -66,9 +68,17 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     store = ActivationStore.open(args.activations)
     out = args.out or str(Path(args.activations) / "probes")
-    result = run_probes(
-        store, config, out, distributions=args.distributions, overwrite=args.overwrite
-    )
+    # No model runs here: under a launcher rank 0 fits every probe alone and the others wait
+    ranks = distributed.current()
+    try:
+        if not ranks.is_main:
+            return 0
+        with distributed.alone():
+            result = run_probes(
+                store, config, out, distributions=args.distributions, overwrite=args.overwrite
+            )
+    finally:
+        distributed.barrier()
     real = result.probes[result.probes["control"] == "none"]
     best = real.sort_values("mean", ascending=False).drop_duplicates(["target", "position_label"])
     cols = ["target", "position_label", "site", "metric", "mean", "chance", "selectivity"]
@@ -107,6 +117,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     for factor in factors:
         out = Path(args.out) if len(factors) == 1 else Path(args.out) / factor
         result = patch_factor(study, lm, factor, out, config, overwrite=args.overwrite)
+        if not is_main_rank():
+            continue
         t = result.patching
         t = t[t["metric"] == "normalized_effect"]
         best = t.sort_values("effect", ascending=False).drop_duplicates(
@@ -148,12 +160,15 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         max_prompts=args.prompts,
         seed=args.seed,
         batch_size=args.batch_size,
+        chunk_units=args.chunk_units,
         progress=not args.quiet,
     )
     lm = load_model_from_args(args)
     result = attribute(
         study, lm, args.method, args.out, config, split_list(args.factor), overwrite=args.overwrite
     )
+    if not is_main_rank():
+        return 0
     t = result.attribution
 
     def show(frame: pd.DataFrame) -> str:
@@ -339,6 +354,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--prompts", type=int, default=None, help="ig: at most N prompts")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward")
+    p.add_argument(
+        "--chunk-units", type=int, default=32, help="pairs (atp) or prompts (ig) per chunk on disk"
+    )
     add_run_args(p)
     p.set_defaults(func=_cmd_attribute)
 

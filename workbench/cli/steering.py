@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from workbench.cli.common import add_model_args, add_run_args, load_model_from_args, split_list
+from workbench.cli.common import (
+    add_model_args,
+    add_run_args,
+    is_main_rank,
+    load_model_from_args,
+    split_list,
+)
 from workbench.errors import WorkbenchError
 
 
@@ -109,6 +115,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
     run = preflight(study, config, args.directions)
     lm = load_model_from_args(args)
     result = steer(study, lm, run, config, args.out, overwrite=args.overwrite)
+    if not is_main_rank():
+        return 0
     t = result.steering
     shown = t[t["metric"].isin(["target_closure", "tv_unsteered", "selectivity"])]
     shown = shown[shown["role"] == "on_target"]
@@ -141,6 +149,8 @@ def cmd_mediate(args: argparse.Namespace) -> int:
     )
     lm = load_model_from_args(args)
     result = mediate(study, lm, args.directions, config, args.out, overwrite=args.overwrite)
+    if not is_main_rank():
+        return 0
     cols = ["question_id", "method", "subspace", "effect", "effect_before", "effect_after"]
     cols += ["share_mediated", "ci_low", "ci_high"]
     print(result.mediation[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

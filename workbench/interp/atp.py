@@ -12,9 +12,9 @@ from torch import Tensor
 
 from workbench.engine.models import LoadedModel
 from workbench.interp import gradients as G
-from workbench.interp.hooks import _register, record_sites
+from workbench.interp.hooks import hook_sites, record_sites
 from workbench.interp.pairs import Pair, align
-from workbench.interp.patching import _Reader
+from workbench.interp.readers import Reader
 from workbench.interp.sites import Site
 from workbench.study import prompts as P
 from workbench.study.spans import Span
@@ -40,7 +40,7 @@ def grad_pass(
 
         return fn
 
-    handles = _register(lm, {n: keep(n) for n in names})
+    handles = hook_sites(lm, {n: keep(n) for n in names})
     try:
         with torch.enable_grad():
             lp = G.forward_logprobs(lm, input_ids=G.padded(ids, 0), lengths=[len(r) for r in ids])
@@ -101,7 +101,7 @@ def atp_batch(
     units: Sequence[tuple[int, str, Pair]],
     sites: Sequence[Site],
     prompts: Mapping[int, P.Prompt],
-    readers: Mapping[int, _Reader],
+    readers: Mapping[int, Reader],
     spans: Mapping[int, Sequence[Span]],
     persona_last: Mapping[int, int],
     options: Mapping[str, tuple[int, int]],

@@ -43,10 +43,16 @@ beside `metric_difference`. On pre-norm models a zero baseline crosses the regio
 rescales a near-zero residual, which takes many steps to integrate: read the error first.
 
 Intervals: 95% percentile bootstrap over pairs (AtP) or prompts (IG), `n_boot` resamples.
+
+Run folder: one chunk per `chunk_units` pairs (AtP) or prompts (IG), fixed slices of the units
+left. Under a launcher (`workbench.distributed`) ranks take whole chunks; rank 0 merges them
+and bootstraps, every rank then re-patches the top-k cells (each a sharded patching run under
+`repatch/`), and rank 0 writes the manifest last. `cost` sums every rank's seconds.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,10 +62,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from workbench import distributed
 from workbench.engine.models import LoadedModel
-from workbench.errors import StudyError, WorkbenchError
 from workbench.interp import gradients as G
 from workbench.interp.atp import ATP_COLUMNS, atp_batch
+from workbench.interp.attribution_plan import METHODS, AttributionConfig, Context, prepare
 from workbench.interp.attribution_tables import (
     CELL,
     agreement,
@@ -68,16 +75,12 @@ from workbench.interp.attribution_tables import (
     summarize_ig,
     top_cells,
 )
-from workbench.interp.pairs import Pair, factor_pairs, persona_last_tokens
-from workbench.interp.patch_tables import POSITIONS
-from workbench.interp.patching import DIRECTIONS, PatchConfig, _Reader, _reader, patch_factor
-from workbench.interp.sites import Site, _hf_modules, resolve_sites
-from workbench.runs import PROMPTS, RunFolder
+from workbench.interp.patching import PatchConfig, patch_factor
+from workbench.runs import MANIFEST, RunFolder
 from workbench.study import prompts as P
-from workbench.study.spans import Span, factor_spans
 from workbench.study.spec import Study
 
-METHODS = ("atp", "ig")
+__all__ = ["METHODS", "AttributionConfig", "AttributionResult", "attribute", "finished"]
 ATTRIBUTION = "attribution"
 """`attribution.parquet`: one row per question x factor (or span) x site x position x
 direction / baseline x metric x statistic."""
@@ -86,43 +89,6 @@ ATTRIBUTED = "attributed"
 prompt x baseline x span)."""
 REPATCHED = "repatched"
 AGREEMENT = "agreement"
-
-
-@dataclass(frozen=True)
-class AttributionConfig:
-    """Settings of an attribution run (written to the manifest)."""
-
-    metric: str = "expected_score"
-    """expected_score | log_odds | kl (AtP only)."""
-    options: tuple[str, str] | None = None
-    """log_odds: the two option texts (default: the first and the last substantive option)."""
-    questions: tuple[str, ...] | None = None
-    """Question ids (None: every question the metric fits)."""
-    sites: tuple[str, ...] = PatchConfig.sites
-    """AtP: TransformerLens site names or globs (the patching grid's)."""
-    positions: tuple[str, ...] = PatchConfig.positions
-    directions: tuple[str, ...] = DIRECTIONS
-    max_pairs: int | None = None
-    """AtP: at most this many pairs per factor, drawn like patching's (same pairs)."""
-    min_effect: float = 0.05
-    top_k: int = 5
-    """AtP: cells per question and factor re-patched for real (0: none)."""
-    patching: tuple[str, ...] = ()
-    """AtP: folders of patching runs to report agreement with."""
-    baselines: tuple[str, ...] = ("counterfactual", "zero")
-    n_steps: int = 50
-    integration: str = "gausslegendre"
-    max_prompts: int | None = None
-    """IG: at most this many prompts, drawn uniformly with `seed`."""
-    seed: int = 0
-    n_boot: int = 1000
-    batch_size: int = 64
-    """Rows per forward (AtP: prompts; IG: interpolation steps)."""
-    chunk_units: int = 32
-    """Pairs (AtP) or prompts (IG) per chunk written to disk."""
-    measure_cost: bool = True
-    """AtP: time a plain forward of every batch too (cost in forward-equivalents)."""
-    progress: bool = True
 
 
 @dataclass
@@ -135,212 +101,6 @@ class AttributionResult:
     agreement: pd.DataFrame
     manifest: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
-
-
-@dataclass
-class _Context:
-    """Everything checked before the first forward pass."""
-
-    method: str
-    prompts: dict[int, P.Prompt]
-    questions: tuple[str, ...]
-    factors: list[str]
-    pairs: list[tuple[str, Pair]]
-    """AtP's units: (factor, pair)."""
-    targets: list[P.Prompt]
-    """IG's units: prompts."""
-    sites: list[Site]
-    readers: dict[int, _Reader]
-    spans: dict[int, list[Span]]
-    options: dict[str, tuple[int, int]]
-    persona_last: dict[int, int] = field(default_factory=dict)
-    counterfactual: dict[tuple[int, str], list[tuple[int, ...]]] = field(default_factory=dict)
-
-
-def _bad(message: str, fix: str) -> WorkbenchError:
-    return WorkbenchError(message, fix=fix)
-
-
-def _check_config(study: Study, config: AttributionConfig, method: str) -> None:
-    if method not in METHODS:
-        raise _bad(f"unknown method {method!r}", f"use one of: {', '.join(METHODS)}")
-    if config.metric not in G.METRICS or (method == "ig" and config.metric == "kl"):
-        ok = G.METRICS if method == "atp" else G.METRICS[:2]
-        raise _bad(f"metric {config.metric!r} is not offered for {method}", f"use {', '.join(ok)}")
-    for name in ("batch_size", "chunk_units", "n_boot"):
-        if getattr(config, name) < 1:
-            raise _bad(f"{name} must be at least 1", "pass a positive number")
-    for name in ("max_pairs", "max_prompts"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise _bad(f"{name} must be at least 1", "pass a positive number (or none: all)")
-    if config.top_k < 0:
-        raise _bad("top_k must be 0 or more", "pass 0 to re-patch nothing")
-    if study.scoring.method != "next_token":
-        raise StudyError(
-            study.path,
-            "scoring.method",
-            "attribution reads the next-token answer distribution; this study scores sequences",
-            "use `scoring.method: next_token` with single-token labels",
-        )
-    if method == "ig":
-        bad = [b for b in config.baselines if b not in G.BASELINES]
-        if bad or not config.baselines:
-            raise _bad(
-                f"unknown baseline {bad[0] if bad else '(none given)'!r}",
-                f"use one or more of: {', '.join(G.BASELINES)}",
-            )
-        try:
-            G.quadrature(config.integration, config.n_steps)
-        except WorkbenchError as err:
-            raise _bad(err.message, err.fix) from err
-    else:
-        bad = [p for p in config.positions if p not in POSITIONS]
-        if bad or not config.positions:
-            raise _bad(
-                f"unknown position {bad[0] if bad else '(none given)'!r}",
-                f"use one or more of: {', '.join(POSITIONS)}",
-            )
-        bad = [d for d in config.directions if d not in DIRECTIONS]
-        if bad or not config.directions:
-            raise _bad(
-                f"unknown direction {bad[0] if bad else '(none given)'!r}",
-                f"use one or both of: {', '.join(DIRECTIONS)}",
-            )
-        for folder in config.patching:
-            if not (Path(folder) / "patching.parquet").exists():
-                raise _bad(
-                    f"{folder} is not a finished patching run (no patching.parquet)",
-                    "pass the --out folder of a finished `workbench patch` run",
-                )
-
-
-def _questions(study: Study, config: AttributionConfig) -> tuple[tuple[str, ...], dict]:
-    """The questions the metric fits, and log_odds' option indices per question."""
-    qids = [q.id for q in study.questions]
-    for qid in config.questions or ():
-        if qid not in qids:
-            raise _bad(f"unknown question {qid!r}", f"use one of: {', '.join(qids)}")
-    chosen, options = [], {}
-    for q in study.questions:
-        if config.questions is not None and q.id not in config.questions:
-            continue
-        if config.metric == "expected_score" and q.values is None:
-            if config.questions is not None:
-                raise _bad(
-                    f"question {q.id!r} has no ordinal values: no expected score",
-                    "use --metric log_odds (or kl for atp), or give the question `values`",
-                )
-            continue
-        pair = (0, len(q.options) - 1)
-        if config.options is not None:
-            missing = [o for o in config.options if o not in q.options]
-            if missing:
-                raise _bad(
-                    f"option {missing[0]!r} is not a substantive option of {q.id!r}",
-                    f"use two of: {', '.join(q.options)}",
-                )
-            pair = (q.options.index(config.options[0]), q.options.index(config.options[1]))
-        chosen.append(q.id)
-        options[q.id] = pair
-    if not chosen:
-        raise _bad(
-            f"no question fits the metric {config.metric!r}",
-            "use --metric log_odds, or a question with ordinal `values`",
-        )
-    return tuple(chosen), options
-
-
-def _prepare(
-    study: Study,
-    lm: LoadedModel,
-    method: str,
-    config: AttributionConfig,
-    factors: Sequence[str] | None,
-) -> _Context:
-    """Check every input and plan the run; raises before any forward pass."""
-    import random
-
-    _check_config(study, config, method)
-    questions, options = _questions(study, config)
-    names = [f.name for f in study.factors]
-    for f in factors or ():
-        if f not in names:
-            raise StudyError(
-                study.path,
-                "factors",
-                f"factor {f!r} is not in the study",
-                f"use {', '.join(names)}",
-            )
-    rendered = P.render(study, lm.tokenizer)
-    P.validate_for_tokenizer(study, rendered, lm.tokenizer, lm.max_length)
-    by_id = {p.prompt_id: p for p in rendered}
-    sites: list[Site] = []
-    units: list[tuple[str, Pair]] = []
-    targets: list[P.Prompt] = []
-    if method == "atp":
-        n_layers = int(lm.model.config.get_text_config().num_hidden_layers)
-        try:
-            sites = resolve_sites(config.sites, n_layers)
-            _hf_modules(lm.model, sites)
-        except WorkbenchError as err:
-            raise _bad(f"attribution patching sites: {err.message}", err.fix) from err
-        wanted = list(factors) if factors else names
-        for f in wanted:
-            try:
-                pairs = factor_pairs(
-                    study,
-                    rendered,
-                    f,
-                    questions=questions,
-                    max_pairs=config.max_pairs,
-                    seed=config.seed,
-                )
-            except StudyError:
-                if factors:
-                    raise
-                continue  # factors=None: every factor the design varies alone
-            units += [(f, pr) for pr in pairs]
-        if not units:
-            raise _bad("no factor has counterfactual pairs", "pass factors the design varies alone")
-        factor_list = list(dict.fromkeys(f for f, _ in units))
-        used = sorted({i for _, pr in units for i in (pr.clean, pr.corrupt)})
-    else:
-        factor_list = list(factors) if factors else names
-        if "counterfactual" in config.baselines:
-            one = [f for f in factor_list if len(study.factor(f).values) < 2]
-            if one:
-                raise _bad(
-                    f"factor {one[0]!r} has one value: no counterfactual baseline",
-                    "leave it out of --factor, or use --baseline zero",
-                )
-        if "pad" in config.baselines and lm.tokenizer.pad_token_id is None:
-            raise _bad("the tokenizer has no pad token", "use --baseline zero or counterfactual")
-        targets = [p for p in rendered if p.question_id in questions]
-        if config.max_prompts is not None and len(targets) > config.max_prompts:
-            keep = random.Random(config.seed).sample(range(len(targets)), config.max_prompts)
-            targets = [targets[i] for i in sorted(keep)]
-        used = [p.prompt_id for p in targets]
-    try:
-        spans = factor_spans(study, rendered, lm.tokenizer, factor_list)
-    except WorkbenchError as err:
-        raise _bad(err.message, err.fix) from err
-    ctx = _Context(
-        method,
-        by_id,
-        questions,
-        factor_list,
-        units,
-        targets,
-        sites,
-        {i: _reader(study, lm, by_id[i]) for i in used},
-        {i: spans[i] for i in used},
-        options,
-    )
-    if method == "atp" and "persona_last" in config.positions:
-        ctx.persona_last = persona_last_tokens(study, [by_id[i] for i in used], lm.tokenizer)
-    if method == "ig" and "counterfactual" in config.baselines:
-        ctx.counterfactual = G.counterfactual_ids(study, targets, factor_list, lm.tokenizer)
-    return ctx
 
 
 def attribute(
@@ -364,7 +124,7 @@ def attribute(
 
     config = config or AttributionConfig()
     t0 = time.time()
-    ctx = _prepare(study, lm, method, config, factors)
+    ctx = prepare(study, lm, method, config, factors)
     run: RunFolder | None = None
     done: set[int] = set()
     if out_dir is not None:
@@ -381,19 +141,21 @@ def attribute(
             "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY},
         }
         run = RunFolder(out_dir, identity, overwrite=overwrite)
-        if not (run.path / PROMPTS).exists():
-            used = [ctx.prompts[i] for i in sorted(ctx.readers)]
-            run.write_table("prompts", P.prompts_frame(study, used))
-        done = run.done_keys(ATTRIBUTED, "unit") if run.chunk_dirs() else set()
+        used = [ctx.prompts[i] for i in sorted(ctx.readers)]
+        done = run.begin(P.prompts_frame(study, used), ATTRIBUTED, "unit")
 
     n_units = len(ctx.pairs) + len(ctx.targets)
     todo = [u for u in range(n_units) if u not in done]
-    bar = tqdm(total=n_units, initial=len(done), desc=method, disable=not config.progress)
+    # fixed chunks of the units left; ranks take whole chunks (a batch's rows share padding)
+    chunks = [todo[i : i + config.chunk_units] for i in range(0, len(todo), config.chunk_units)]
+    if run is not None:
+        chunks = distributed.shard(chunks, len, run.ranks)
+    mine = sum(map(len, chunks))
+    bar = tqdm(total=len(done) + mine, initial=len(done), desc=method, disable=not config.progress)
     frames: list[pd.DataFrame] = []
-    cost = {"seconds": 0.0, "plain_seconds": 0.0, "plain_rows": 0}
+    cost = {"seconds": 0.0, "plain_seconds": 0.0, "plain_rows": 0.0}
     t_run = time.time()
-    for start in range(0, len(todo), config.chunk_units):
-        chunk = todo[start : start + config.chunk_units]
+    for chunk in chunks:
         if method == "atp":
             frame = _atp_chunk(study, lm, ctx, config, chunk, cost)
         else:
@@ -404,13 +166,24 @@ def attribute(
             frames.append(frame)
         bar.update(len(chunk))
     bar.close()
+    repatch = method == "atp" and config.top_k > 0
+    if run is not None:
+        cost = dict(zip(cost, distributed.sum_over_ranks(list(cost.values())), strict=True))
+        if not run.ranks_done():
+            if repatch:
+                # every rank re-patches the top cells (each patching run is sharded in turn);
+                # rank 0 alone bootstraps, the others read which cells from its table
+                distributed.barrier()
+                top = pd.read_parquet(run.path / f"{ATTRIBUTION}.parquet")
+                _validate_atp(study, lm, ctx, config, top, run)
+            run.wait_for_finish()
+            return finished(run.path)
     t_run = time.time() - t_run
     raw = run.read_chunks(ATTRIBUTED) if run is not None else pd.concat(frames, ignore_index=True)
     raw = (
         raw if len(raw) else pd.DataFrame(columns=ATP_COLUMNS if method == "atp" else G.IG_COLUMNS)
     )
     raw = raw.sort_values("unit", kind="stable").reset_index(drop=True)
-
     value_range = {
         q.id: (max(q.values) - min(q.values)) if q.values is not None else None
         for q in study.questions
@@ -421,6 +194,9 @@ def attribute(
         )
     else:
         table = summarize_ig(raw, n_boot=config.n_boot, seed=config.seed)
+    if run is not None and run.ranks.active and repatch:
+        run.write_table(ATTRIBUTION, table)
+        distributed.barrier()
     repatched, agree = _validate_atp(study, lm, ctx, config, table, run)
     manifest = {
         "kind": "attribution",
@@ -436,6 +212,7 @@ def attribute(
         "timings_s": {"attribute": round(t_run, 3), "total": round(time.time() - t0, 3)},
     }
     if method == "atp" and cost["plain_rows"] and len(todo):
+        # summed over ranks: seconds of compute per pair, whatever the world size
         per_forward = cost["plain_seconds"] / cost["plain_rows"]
         manifest["cost"] = {
             "seconds_per_pair": cost["seconds"] / len(todo),
@@ -457,6 +234,19 @@ def attribute(
         run.finish(manifest)
         result.out_dir = run.path
     return result
+
+
+def finished(path: str | Path) -> AttributionResult:
+    """A finished run folder's tables (what the ranks other than 0 return)."""
+    path = Path(path)
+
+    def read(name: str) -> pd.DataFrame:
+        return pd.read_parquet(path / f"{name}.parquet")
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    return AttributionResult(
+        read(ATTRIBUTION), read(ATTRIBUTED), read(REPATCHED), read(AGREEMENT), manifest, path
+    )
 
 
 _NOT_IDENTITY = frozenset(
@@ -485,7 +275,7 @@ def _conventions(study: Study, method: str, config: AttributionConfig) -> dict[s
 def _atp_chunk(
     study: Study,
     lm: LoadedModel,
-    ctx: _Context,
+    ctx: Context,
     config: AttributionConfig,
     chunk: Sequence[int],
     cost: dict[str, float],
@@ -526,7 +316,7 @@ def _atp_chunk(
 def _validate_atp(
     study: Study,
     lm: LoadedModel,
-    ctx: _Context,
+    ctx: Context,
     config: AttributionConfig,
     table: pd.DataFrame,
     run: RunFolder | None,
@@ -570,7 +360,7 @@ def _validate_atp(
 
 
 def _ig_chunk(
-    lm: LoadedModel, ctx: _Context, config: AttributionConfig, chunk: Sequence[int], agg: str
+    lm: LoadedModel, ctx: Context, config: AttributionConfig, chunk: Sequence[int], agg: str
 ) -> pd.DataFrame:
     records: list[dict[str, Any]] = []
     for u in chunk:

@@ -36,7 +36,7 @@ from torch import Tensor
 from workbench.engine.models import LoadedModel
 from workbench.engine.scoring import _logits
 from workbench.errors import WorkbenchError
-from workbench.interp.patching import _Reader
+from workbench.interp.readers import Reader
 from workbench.study import prompts as P
 from workbench.study.spans import Span
 from workbench.study.spec import Study
@@ -63,7 +63,7 @@ Metric = Callable[[Tensor], Tensor]
 """[row, vocab] float32 full-vocab log-probs -> [row] float64 metric (differentiable)."""
 
 
-def answer_probs(logprobs: Tensor, reader: _Reader, aggregate: str) -> Tensor:
+def answer_probs(logprobs: Tensor, reader: Reader, aggregate: str) -> Tensor:
     """[row, substantive option] float64 renormalized answer distributions from [row, vocab]
     log-probs of prompts that share `reader` (differentiable)."""
     ids = reader.ids.to(logprobs.device)
@@ -75,7 +75,7 @@ def answer_probs(logprobs: Tensor, reader: _Reader, aggregate: str) -> Tensor:
 def metric_value(
     name: str,
     probs: Tensor,
-    reader: _Reader,
+    reader: Reader,
     *,
     options: tuple[int, int] | None = None,
     reference: Tensor | None = None,
@@ -95,7 +95,7 @@ def metric_value(
 
 def metric_fn(
     name: str,
-    reader: _Reader,
+    reader: Reader,
     aggregate: str,
     *,
     options: tuple[int, int] | None = None,

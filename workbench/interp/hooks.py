@@ -73,10 +73,12 @@ def _apply(h: Tensor, edit: Edit) -> Tensor:
     return h
 
 
-def _register(
+def hook_sites(
     lm: LoadedModel, fns: Mapping[str, Callable[[Tensor], Tensor | None]]
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hook `fns[site](activation)` at each site; a returned tensor replaces the activation."""
+    """Hook `fns[site](activation)` at each site; a returned tensor replaces the activation.
+
+    The caller removes the returned handles (`edit_sites` and `record_sites` do it on exit)."""
     handles = []
     for name, (module, pre) in _modules(lm, list(fns)).items():
         fn = fns[name]
@@ -117,7 +119,7 @@ def edit_sites(lm: LoadedModel, edits: Mapping[str, Edit]) -> Iterator[None]:
 
         return fn
 
-    handles = _register(lm, {name: make(e) for name, e in edits.items()})
+    handles = hook_sites(lm, {name: make(e) for name, e in edits.items()})
     try:
         yield
     finally:
@@ -137,7 +139,7 @@ def record_sites(lm: LoadedModel, sites: Sequence[str]) -> Iterator[dict[str, Te
 
         return fn
 
-    handles = _register(lm, {name: make(name) for name in sites})
+    handles = hook_sites(lm, {name: make(name) for name in sites})
     try:
         yield store
     finally:

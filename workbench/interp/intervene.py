@@ -22,7 +22,8 @@ from torch import Tensor
 from workbench.engine.models import LoadedModel
 from workbench.errors import WorkbenchError
 from workbench.interp.hooks import Edit, edit_sites, record_sites
-from workbench.interp.patching import _Reader, answer_logprobs
+from workbench.interp.patching import answer_logprobs
+from workbench.interp.readers import Reader
 from workbench.study import prompts as P
 from workbench.study.spans import Span
 
@@ -40,7 +41,7 @@ class Read(NamedTuple):
     """Expected ordinal score (NaN for questions without values)."""
 
 
-def read(logprobs: Tensor, readers: Sequence[_Reader], aggregate: str) -> list[Read]:
+def read(logprobs: Tensor, readers: Sequence[Reader], aggregate: str) -> list[Read]:
     """One `Read` per row of `logprobs` [row, vocab] (float32 full-vocab log-probs)."""
     out = []
     for r, reader in enumerate(readers):
@@ -76,7 +77,7 @@ def position_tensor(rows: Sequence[Sequence[int]]) -> Tensor:
 def forwards(
     lm: LoadedModel,
     batches: Sequence[Sequence[P.Prompt]],
-    readers: dict[int, _Reader],
+    readers: dict[int, Reader],
     aggregate: str,
     site: str,
     edit: Callable[[int, Sequence[P.Prompt]], Edit | None] | None = None,

@@ -27,11 +27,14 @@ over pairs (random subspaces: effect_after averaged over seeds within each resam
 `mediation.parquet` (factor, site, positions, question_id, method, subspace, n_dims, effect,
 effect_before, effect_after, share_mediated, ci_low, ci_high, n); `ablated.parquet` holds
 each prompt's reading per method x subspace. Run folder: one chunk per method x subspace;
-manifest last.
+manifest last. Under a launcher (`workbench.distributed`) every rank runs the unedited
+forwards (the mean and the recorded activations) and takes whole ablations; rank 0 merges,
+bootstraps and writes the manifest.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Sequence
@@ -44,14 +47,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from workbench import distributed
 from workbench.engine.models import LoadedModel
 from workbench.errors import StudyError, WorkbenchError
 from workbench.interp import directions as DR
 from workbench.interp import intervene as IV
 from workbench.interp.hooks import Edit, site
 from workbench.interp.pairs import Pair, pair_prompts
-from workbench.interp.patching import _Reader, _reader
-from workbench.runs import PROMPTS, RunFolder
+from workbench.interp.readers import readers_for
+from workbench.runs import MANIFEST, RunFolder
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
@@ -165,13 +169,7 @@ def mediate(
         key=lambda p: -len(p.input_ids),
     )
     P.validate_for_tokenizer(study, prompts, lm.tokenizer, lm.max_length)
-    readers: dict[int, _Reader] = {}
-    cache: dict[tuple[str, tuple[int, ...]], _Reader] = {}
-    for p in prompts:
-        ck = (p.question_id, p.order)
-        if ck not in cache:
-            cache[ck] = _reader(study, lm, p)
-        readers[p.prompt_id] = cache[ck]
+    readers = readers_for(study, lm, prompts)
     agg = study.scoring.aggregate
     batches = [
         prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)
@@ -213,20 +211,21 @@ def mediate(
             "config": asdict(replace(config, progress=True)),
         }
         run_dir = RunFolder(out_dir, identity, overwrite=overwrite)
-        if not (run_dir.path / PROMPTS).exists():
-            run_dir.write_table("prompts", P.prompts_frame(study, prompts))
-        done = run_dir.done_keys(ABLATED, "unit") if run_dir.chunk_dirs() else set()
+        done = run_dir.begin(P.prompts_frame(study, prompts), ABLATED, "unit")
+    todo = [unit for unit in units if unit[0] not in done]
+    if run_dir is not None:
+        # an ablation's forwards are the same batches at any world size: ranks take whole
+        # ablations (every rank ran the unedited forwards above, the same on each)
+        todo = distributed.shard(todo, lambda _: 1, run_dir.ranks)
     frames: list[pd.DataFrame] = []
     bar = tqdm(
-        total=len(units),
+        total=len(done) + len(todo),
         initial=len(done),
         desc=f"mediating {config.factor}",
         unit="ablation",
         disable=not config.progress,
     )
-    for u, method, kind, seed, basis in units:
-        if u in done:
-            continue
+    for u, method, kind, seed, basis in todo:
 
         def edit(
             b: int, batch: Sequence[P.Prompt], method: str = method, basis: Tensor = basis
@@ -258,6 +257,9 @@ def mediate(
             frames.append(frame)
         bar.update(1)
     bar.close()
+    if run_dir is not None and not run_dir.ranks_done():
+        run_dir.wait_for_finish()
+        return finished(run_dir.path)
     ablated = run_dir.read_chunks(ABLATED) if run_dir is not None else pd.concat(frames)
     ablated = ablated.sort_values(["unit", "prompt_id"]).reset_index(drop=True)
     table = _summarize(study, config, pairs, base, ablated, k)
@@ -289,6 +291,17 @@ def mediate(
         run_dir.finish(manifest)
         result.out_dir = run_dir.path
     return result
+
+
+def finished(path: str | Path) -> MediateResult:
+    """A finished run folder's tables (what the ranks other than 0 return)."""
+    path = Path(path)
+
+    def read(name: str) -> pd.DataFrame:
+        return pd.read_parquet(path / f"{name}.parquet")
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    return MediateResult(read(MEDIATION), read(ABLATED), manifest, path)
 
 
 def _effects(

@@ -49,10 +49,15 @@ its own row). Where `workbench.interp.resume_forward` addresses the model, a pat
 computes only the blocks from its site's on and the tokens from its first patched token on,
 reading the clean run's keys and values before it (the full patched forward's numbers); else
 (and at `hook_embed`) it runs the full forward. Logits at the answer position only.
+
+Run folder: one chunk per `chunk_pairs` pairs, a fixed slice of the pairs left. Under a
+launcher (`workbench.distributed`) ranks take whole chunks; rank 0 merges them, bootstraps the
+intervals, draws the heatmap and writes the manifest last (same numbers at any world size).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,14 +69,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from workbench import distributed
 from workbench.engine.models import LoadedModel
 from workbench.errors import StudyError, WorkbenchError
+from workbench.interp import readers as R
 from workbench.interp import resume_forward as RF
 from workbench.interp.hooks import Edit, edit_sites
 from workbench.interp.pairs import Pair, align, pair_prompts, persona_last_tokens
 from workbench.interp.patch_tables import POSITIONS, factor_effect, heatmap, summarize
 from workbench.interp.sites import Site, _hf_modules, resolve_sites
-from workbench.runs import PROMPTS, RunFolder
+from workbench.runs import MANIFEST, RunFolder
 from workbench.study import prompts as P
 from workbench.study.spans import Span
 from workbench.study.spec import Study
@@ -124,60 +131,23 @@ class PatchResult:
     out_dir: Path | None = None
 
 
+def finished(path: str | Path) -> PatchResult:
+    """A finished patching run folder's tables (what the ranks other than 0 return)."""
+    path = Path(path)
+    tables = {
+        name: pd.read_parquet(path / f"{name}.parquet") for name in (PATCHING, PATCHED, PAIRS)
+    }
+    manifest = json.loads((path / MANIFEST).read_text())
+    return PatchResult(tables[PATCHING], tables[PATCHED], tables[PAIRS], manifest, path)
+
+
+# Kept for `scripts/bench_patching.py` until it reads through `workbench.interp.readers`.
+_reader = R.reader
+_distributions = R.distributions
+
+
 # --------------------------------------------------------------------------------------------
 # reading the answer
-
-
-@dataclass(frozen=True)
-class _Reader:
-    """Token ids of every option variant of one prompt, and how to turn them into a
-    distribution (the contract of `workbench.measure.distributions.summarize`)."""
-
-    ids: Tensor
-    """[option, variant] token ids, canonical option order (refusal options last)."""
-    substantive: Tensor
-    """[option] bool."""
-    values: Tensor | None
-    """[substantive option] float64 ordinal values, or None."""
-
-
-def _reader(study: Study, lm: LoadedModel, prompt: P.Prompt) -> _Reader:
-    targets = P.option_targets(study, prompt)
-    n_opt = max(t.option_id for t in targets) + 1
-    n_var = len(study.scoring.variants)
-    ids = torch.zeros(n_opt, n_var, dtype=torch.long)
-    refusal = torch.zeros(n_opt, dtype=torch.bool)
-    for t in targets:
-        (tok,) = P.continuation_ids(lm.tokenizer, study, prompt, t.surface)
-        ids[t.option_id, t.variant] = tok
-        refusal[t.option_id] = t.is_refusal
-    q = next(q for q in study.questions if q.id == prompt.question_id)
-    values = torch.tensor(q.values, dtype=torch.float64) if q.values is not None else None
-    return _Reader(ids, ~refusal, values)
-
-
-def _distributions(logprobs: Tensor, readers: Sequence[_Reader], aggregate: str) -> list[Tensor]:
-    """Each row's substantive-option distribution (float64) from full-vocab float32 log-probs
-    [row, vocab]. Rows of one batch may belong to questions with different options (or
-    refusal layouts), so rows are read in groups that share a reader."""
-    out: list[Tensor] = [torch.empty(0)] * len(readers)
-    groups: dict[int, list[int]] = {}
-    for row, reader in enumerate(readers):
-        groups.setdefault(id(reader), []).append(row)
-    for rows in groups.values():
-        reader = readers[rows[0]]
-        index = torch.tensor(rows)
-        ids = reader.ids.expand(len(rows), *reader.ids.shape)
-        lp = logprobs[index].gather(1, ids.flatten(1)).view(ids.shape).double()
-        agg = lp.logsumexp(-1) if aggregate == "sum" else lp.amax(-1)
-        probs = torch.softmax(agg[:, reader.substantive], dim=-1)
-        for j, row in enumerate(rows):
-            out[row] = probs[j]
-    return out
-
-
-def _score(prob: Tensor, reader: _Reader) -> float:
-    return float(prob @ reader.values) if reader.values is not None else float("nan")
 
 
 def answer_logprobs(lm: LoadedModel, ids: Sequence[Sequence[int]]) -> Tensor:
@@ -337,14 +307,7 @@ def patch_factor(
         if "persona_last" in config.positions
         else {}
     )
-    # A reader depends on the question and the option order alone (next-token scoring).
-    by_order: dict[tuple[str, tuple[int, ...]], _Reader] = {}
-    readers = {}
-    for p in used_prompts:
-        k = (p.question_id, p.order)
-        if k not in by_order:
-            by_order[k] = _reader(study, lm, p)
-        readers[p.prompt_id] = by_order[k]
+    readers = R.readers_for(study, lm, used_prompts)
 
     run: RunFolder | None = None
     done: set[int] = set()
@@ -362,14 +325,18 @@ def patch_factor(
             "directions": list(config.directions),
         }
         run = RunFolder(out_dir, identity, overwrite=overwrite)
-        if not (run.path / PROMPTS).exists():
-            run.write_table("prompts", P.prompts_frame(study, used_prompts))
-        done = run.done_keys(PAIRS, "pair_id") if run.chunk_dirs() else set()
+        done = run.begin(P.prompts_frame(study, used_prompts), PAIRS, "pair_id")
 
     todo = [p for p in pairs if p.pair_id not in done]
+    # Chunks are fixed slices of the pairs left (a batch's padding, hence its float rounding,
+    # depends on the rows beside it); ranks take whole chunks, so every number is the one a
+    # single process computes.
+    chunks = [todo[i : i + config.chunk_pairs] for i in range(0, len(todo), config.chunk_pairs)]
+    if run is not None:
+        chunks = distributed.shard(chunks, len, run.ranks)
     bar = tqdm(
-        total=len(pairs),
-        initial=len(pairs) - len(todo),
+        total=len(done) + sum(map(len, chunks)),
+        initial=len(done),
         desc=f"patching {factor}",
         unit="pair",
         disable=not config.progress,
@@ -377,8 +344,7 @@ def patch_factor(
     collected: dict[str, list[pd.DataFrame]] = {PAIRS: [], PATCHED: []}
     t_patch = time.time()
     forwards = resumed = 0
-    for start in range(0, len(todo), config.chunk_pairs):
-        chunk = todo[start : start + config.chunk_pairs]
+    for chunk in chunks:
         done_chunk = _run_chunk(
             study, lm, chunk, sites, config, by_id, spans, persona_last, readers
         )
@@ -391,6 +357,11 @@ def patch_factor(
                 collected[name].append(frame)
         bar.update(len(chunk))
     bar.close()
+    if run is not None:
+        forwards, resumed = map(int, distributed.sum_over_ranks([forwards, resumed]))
+        if not run.ranks_done():
+            run.wait_for_finish()
+            return finished(run.path)
     t_patch = time.time() - t_patch
 
     if run is not None:
@@ -468,7 +439,7 @@ def _run_chunk(
     prompts: dict[int, P.Prompt],
     spans: dict[int, Span],
     persona_last: dict[int, int],
-    readers: dict[int, _Reader],
+    readers: dict[int, R.Reader],
 ) -> _Chunk:
     """Clean forwards of the chunk's prompts (once each), then every patched forward."""
     names = [s.name for s in sites]
@@ -489,7 +460,7 @@ def _run_chunk(
         for k, i in enumerate(ids):
             n = len(prompts[i].input_ids)
             acts[i] = {name: rec[name][k, :n].cpu() for name in names}
-            clean[i] = _distributions(lp[k : k + 1], [readers[i]], agg)[0]
+            clean[i] = R.distributions(lp[k : k + 1], [readers[i]], agg)[0]
             if st:
                 states[i] = st[k]
 
@@ -539,7 +510,7 @@ def _run_chunk(
         else:
             with edit_sites(lm, edits):
                 lp = answer_logprobs(lm, [prompts[t].input_ids for t in targets])
-        probs = _distributions(lp, [readers[pl.target] for pl, _ in batch], agg)
+        probs = R.distributions(lp, [readers[pl.target] for pl, _ in batch], agg)
         for r, (pl, s) in enumerate(batch):
             reader = readers[pl.target]
             q_s, q_t, q_p = clean[pl.source], clean[pl.target], probs[r]
@@ -552,9 +523,9 @@ def _run_chunk(
                     "site": s.name,
                     "site_kind": s.kind,
                     "layer": s.layer,
-                    "source_score": _score(q_s, reader),
-                    "target_score": _score(q_t, reader),
-                    "patched_score": _score(q_p, reader),
+                    "source_score": R.score(q_s, reader),
+                    "target_score": R.score(q_t, reader),
+                    "patched_score": R.score(q_p, reader),
                     "tv_source_target": 0.5 * float((q_s - q_t).abs().sum()),
                     "tv_source": 0.5 * float((q_p - q_s).abs().sum()),
                     "tv_target": 0.5 * float((q_p - q_t).abs().sum()),
@@ -567,8 +538,8 @@ def _run_chunk(
         pair_rows.append(
             {
                 **asdict(p),
-                "clean_score": _score(qc, readers[p.clean]),
-                "corrupt_score": _score(qk, readers[p.corrupt]),
+                "clean_score": R.score(qc, readers[p.clean]),
+                "corrupt_score": R.score(qk, readers[p.corrupt]),
                 "tv_clean_corrupt": 0.5 * float((qc - qk).abs().sum()),
                 "clean_span_tokens": sc.token_end - sc.token_start if sc else None,
                 "corrupt_span_tokens": sk.token_end - sk.token_start if sk else None,

@@ -38,11 +38,14 @@ share of the way to the class's own distribution: 1 = there); `selectivity` (pro
 the probe's mean tv_unsteered / the largest placebo's; neutral_logprob(_change) per token.
 
 Run folder: one chunk per direction (a killed run resumes at the next direction); manifest
-last. `steering.png` holds the dose-response plot.
+last. `steering.png` holds the dose-response plot. Under a launcher (`workbench.distributed`)
+every rank runs the unsteered forwards (the norm scale needs them all) and takes whole
+directions; rank 0 merges, bootstraps, plots and writes the manifest.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -54,15 +57,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from workbench import distributed
 from workbench.engine.models import LoadedModel
 from workbench.errors import StudyError, WorkbenchError
 from workbench.interp import directions as DR
 from workbench.interp import intervene as IV
 from workbench.interp.hooks import Edit, edit_sites, site
 from workbench.interp.pairs import factor_pairs
-from workbench.interp.patching import _Reader, _reader
+from workbench.interp.readers import readers_for
 from workbench.interp.steer_tables import dose_response, options_of, summarize
-from workbench.runs import PROMPTS, RunFolder
+from workbench.runs import MANIFEST, RunFolder
 from workbench.study import prompts as P
 from workbench.study.spans import Span, factor_spans
 from workbench.study.spec import Study
@@ -375,11 +379,7 @@ def steer(
     dirs, _key, info = build_directions(run, config, [f.name for f in study.factors])
     sel = select_prompts(study, lm, run, config)
     agg = study.scoring.aggregate
-    readers: dict[int, _Reader] = {}
-    cache: dict[tuple[str, tuple[int, ...]], _Reader] = {}
-    for p in [*sel.on, *sel.off, *sel.twins.values()]:
-        k = (p.question_id, p.order)
-        readers[p.prompt_id] = cache.setdefault(k, cache.get(k) or _reader(study, lm, p))
+    readers = readers_for(study, lm, [*sel.on, *sel.off, *sel.twins.values()])
     steered = sorted([*sel.on, *sel.off], key=lambda p: -len(p.input_ids))
     batches = [
         steered[i : i + config.batch_size] for i in range(0, len(steered), config.batch_size)
@@ -423,14 +423,17 @@ def steer(
             "config": asdict(replace(config, progress=True)),
         }
         run_dir = RunFolder(out_dir, identity, overwrite=overwrite)
-        if not (run_dir.path / PROMPTS).exists():
-            run_dir.write_table("prompts", P.prompts_frame(study, [*steered, *twin_list]))
-        done = run_dir.done_keys(STEERED, "direction_id") if run_dir.chunk_dirs() else set()
+        frame = P.prompts_frame(study, [*steered, *twin_list])
+        done = run_dir.begin(frame, STEERED, "direction_id")
 
     todo = [d for d in dirs if d.direction_id not in done]
+    if run_dir is not None:
+        # a direction's forwards are the same batches at any world size: ranks take whole
+        # directions (every rank ran the unsteered forwards above, the same on each)
+        todo = distributed.shard(todo, lambda _: 1, run_dir.ranks)
     bar = tqdm(
-        total=len(dirs) * len(config.alphas),
-        initial=(len(dirs) - len(todo)) * len(config.alphas),
+        total=(len(done) + len(todo)) * len(config.alphas),
+        initial=len(done) * len(config.alphas),
         desc=f"steering {config.probe}",
         unit="alpha",
         disable=not config.progress,
@@ -491,6 +494,9 @@ def steer(
             for name, frame in chunk.items():
                 frames[name].append(frame)
     bar.close()
+    if run_dir is not None and not run_dir.ranks_done():
+        run_dir.wait_for_finish()
+        return finished(run_dir.path)
     if run_dir is not None:
         steered_df, neutral_df = run_dir.read_chunks(STEERED), run_dir.read_chunks(NEUTRAL_TABLE)
     else:
@@ -553,6 +559,17 @@ def steer(
         run_dir.finish(manifest)
         result.out_dir = run_dir.path
     return result
+
+
+def finished(path: str | Path) -> SteerResult:
+    """A finished run folder's tables (what the ranks other than 0 return)."""
+    path = Path(path)
+
+    def read(name: str) -> pd.DataFrame:
+        return pd.read_parquet(path / f"{name}.parquet")
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    return SteerResult(read(STEERING), read(STEERED), read(NEUTRAL_TABLE), manifest, path)
 
 
 def _neutral_logprobs(
