@@ -21,8 +21,10 @@ Methods, in one process, on the same loaded model, dtype and prompts (`prompts.i
 - `hf-generate-batched`: the same with `--batch-rows // N` prompts per call (left-padded),
   the most a careful HF user would do;
 - `workbench`: `compute_samples(study, lm, out_dir=None, SamplingConfig(n=N, ...))`, all
-  included: rendering, prefill once per prompt + KV expansion, batched decoding across
-  prompts with early stop, parsing, the answer-position distributions and the tables.
+  included: rendering, prefill once per prompt, decoding batched across prompts with one
+  row per distinct generated prefix (samples that share a prefix share its row and split
+  where their tokens differ) and early stop, parsing once per distinct completion, the
+  answer-position distributions and the tables.
 
 **Real model** (`--real-prompts K`, default 8: whole persona cells of 8 prompts, 3 questions
 in cyclic orders; 0 skips it; `--real-repeats`, default 1): SmolLM2-135M-Instruct from the
@@ -452,9 +454,9 @@ def main(argv: list[str] | None = None) -> Report:
             "",
             "hf-generate: one `generate(num_return_sequences=N, do_sample=True, top_k=0)` call per prompt "
             "(the prompt prefilled N times), then decode + parse. hf-generate-batched: the same with several "
-            "left-padded prompts per call. workbench: `compute_samples` end to end (render, prefill once + KV "
-            "expansion, decoding batched across prompts with rows leaving at their parsed answer/EOS, parsing, "
-            "answer-position distributions, tables).",
+            "left-padded prompts per call. workbench: `compute_samples` end to end (render, prefill once, "
+            "decoding batched across prompts with one row per distinct generated prefix, rows leaving at their "
+            "parsed answer/EOS, parsing, answer-position distributions, tables).",
             *(real_rows(args, args.real_repeats) if not args.quick else []),
             "",
         ]

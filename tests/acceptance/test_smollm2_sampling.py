@@ -41,7 +41,7 @@ def test_forced_slots_equal_whole_sequence_forwards(lm: LoadedModel) -> None:
         fallback: list[tuple[int, int, str, str]] = [
             (r, min(j, len(row.ids) - 1), before, kind)
             for r, row in enumerate(rows)
-            if row.ids and kind in kinds[r // config.n]
+            if row.ids and kind in kinds[row.prompt]
         ]
         out: list[dict[str, Any]] = [{} for _ in rows]
         A.forced_slots(lm, plans, rows, fallback, records, config, out, stats)

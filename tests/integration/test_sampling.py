@@ -450,7 +450,7 @@ def _old_forced_slots(
     """The previous implementation: one whole-sequence forward per (sample, option)."""
     contexts, continuations, owners = [], [], []
     for r, j, before, kind in fallback:
-        plan = plans[r // config.n]
+        plan = plans[rows[r].prompt]
         for surface in option_surfaces(plan.question, plan.prompt.order):
             if surface.kind == kind:
                 ids = lm.tokenizer(before + surface.text, add_special_tokens=False)["input_ids"]
@@ -460,7 +460,7 @@ def _old_forced_slots(
     lp1, lp_t = D.teacher_forced_logprobs(lm, contexts, continuations, config.temperature)
     per_row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for (r, opt), a, b in zip(owners, lp1, lp_t, strict=True):
-        k = len(plans[r // config.n].question.all_options)
+        k = len(plans[rows[r].prompt].question.all_options)
         per_row.setdefault(r, (np.full(k, -np.inf), np.full(k, -np.inf)))
         per_row[r][0][opt], per_row[r][1][opt] = a, b
     out = {}
@@ -496,7 +496,7 @@ def test_forced_slots_equal_whole_sequence_forwards(
             fallback: list[tuple[int, int, str, str]] = [
                 (r, min(j, len(row.ids) - 1), before, kind)
                 for r, row in enumerate(rows)
-                if row.ids and kind in kinds[r // config.n]
+                if row.ids and kind in kinds[row.prompt]
             ]
             out: list[dict[str, Any]] = [{} for _ in rows]
             A.forced_slots(lm, plans, rows, fallback, records, config, out, stats)

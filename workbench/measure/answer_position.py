@@ -22,7 +22,8 @@ to a plain teacher-forced HF forward of prompt + prefix + option (tests check ea
   `FORCED_BYTES` (KV cache plus the kept logits, only the last positions' logits are
   computed).
 
-On both teacher-forced paths temperature is applied and top-p is not (as before).
+On both teacher-forced paths temperature is applied and top-p is not (as before). Slots are
+read once per distinct completion (`decoding.Row`); the samples that drew it share it.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class ForcedStats:
     """How the teacher-forced slots of one call were read (for tests and benchmarks)."""
 
     pairs: int = 0
-    """(sample, option) continuations scored."""
+    """(distinct completion, option) continuations scored."""
     from_records: int = 0
     """Of those, read from the decoding step's records."""
     forward_rows: int = 0
@@ -79,21 +80,21 @@ def _slots_from_records(
     plans: list[Plan],
     fast: list[tuple[int, int, int]],
     records: Records,
-    n: int,
+    owner: np.ndarray,
     temperature: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Slots read from the decoding records, vectorized over samples.
+    """Slots read from the decoding records, vectorized over rows.
 
-    `fast`: (row, token index, kind index). Returns ([sample, option] raw temperature-1
-    log-probs, [sample, option] sampling distribution), options padded to the widest
-    question with zero probability (-inf log-prob).
+    `fast`: (row, token index, kind index); `owner`: [fast] each row's prompt in `plans`.
+    Returns ([fast, option] raw temperature-1 log-probs, [fast, option] sampling
+    distribution), options padded to the widest question with zero probability (-inf
+    log-prob).
     """
     n_options = max(len(p.question.all_options) for p in plans)
     n_cand = records.cand.shape[-1]
     rows = np.array([f[0] for f in fast])
     steps = np.array([f[1] for f in fast])
     kinds = np.array([f[2] for f in fast])
-    owner = rows // n
     option = np.zeros((len(plans), n_cand), dtype=np.int64)
     kind = np.full((len(plans), n_cand), -1, dtype=np.int64)
     for i, p in enumerate(plans):
@@ -122,8 +123,8 @@ def answer_positions(
     config: SamplingConfig,
     stats: ForcedStats | None = None,
 ) -> list[dict[str, Any]]:
-    """Per row: answer_token, answer_option_mass, answer_logprobs, answer_probs (or nulls)."""
-    n = config.n
+    """Per row (a distinct completion; its samples share it): answer_token,
+    answer_option_mass, answer_logprobs, answer_probs (or nulls)."""
     out: list[dict[str, Any]] = [
         {
             "answer_token": None,
@@ -143,7 +144,7 @@ def answer_positions(
         j = _answer_token(row, parsed.start)
         if j is None:
             continue
-        plan = plans[r // n]
+        plan = plans[row.prompt]
         before = row.text[(row.text_len[j - 1] if j > 0 else 0) : parsed.start]
         kind = KINDS.index(parsed.kind)
         token = row.ids[j]
@@ -154,11 +155,14 @@ def answer_positions(
         else:
             fallback.append((r, j, before, parsed.kind))
     if fast_rows:
-        logp, probs = _slots_from_records(plans, fast_rows, records, n, config.temperature)
+        owner = np.array([rows[r].prompt for r, _, _ in fast_rows], dtype=np.int64)
+        logp, probs = _slots_from_records(plans, fast_rows, records, owner, config.temperature)
+        n_options = np.array([len(p.question.all_options) for p in plans])[owner]
+        mass = np.exp(logp).sum(-1)  # padded options: exp(-inf) = 0
         for i, (r, _, _) in enumerate(fast_rows):
-            k = len(plans[r // n].question.all_options)
+            k = int(n_options[i])
             out[r].update(
-                answer_option_mass=float(np.exp(logp[i, :k]).sum()),
+                answer_option_mass=float(mass[i]),
                 answer_logprobs=logp[i, :k].tolist(),
                 answer_probs=probs[i, :k].tolist(),
             )
@@ -184,7 +188,7 @@ def forced_slots(
     made here by a prefill of the prompts concerned when absent).
     """
     stats = stats if stats is not None else ForcedStats()
-    n, temperature = config.n, config.temperature
+    temperature = config.temperature
     encoded: dict[str, list[int]] = {}
     cand_index = [{t: i for i, t in reversed(list(enumerate(p.cand_ids)))} for p in plans]
     lp1: dict[tuple[int, int], float] = {}
@@ -193,7 +197,7 @@ def forced_slots(
     """(prompt, generated prefix, continuation) -> the (row, option) pairs it scores"""
     t32 = np.float32(temperature)
     for r, j, before, kind in fallback:
-        p = r // n
+        p = rows[r].prompt
         plan = plans[p]
         for surface in option_surfaces(plan.question, plan.prompt.order):
             if surface.kind != kind:
@@ -235,7 +239,7 @@ def forced_slots(
                 lp1[pair], lp_t[pair] = float(x), float(y)
     per_row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for (r, opt), a1 in lp1.items():
-        n_options = len(plans[r // n].question.all_options)
+        n_options = len(plans[rows[r].prompt].question.all_options)
         if r not in per_row:
             per_row[r] = (np.full(n_options, -np.inf), np.full(n_options, -np.inf))
         per_row[r][0][opt] = a1

@@ -1,32 +1,38 @@
-"""The sampling engine: prefill once, repeat the KV cache N times, decode many prompts' rows
-together, stop each row at its parsed answer, and read the answer-position distributions.
+"""The sampling engine: prefill once, decode one row per distinct generated prefix, draw each
+sample's tokens with its own uniforms, stop at the parsed answer, and keep what the
+answer-position distributions need.
 
 Used by `workbench.measure.sampling` (which owns the run folder and the tables). The contract:
 
 - **Prefill once.** A wave's prompts are left-padded and prefilled together (attention mask;
-  position ids counted from each prompt's first real token); the cache is then repeated N
-  times (`DynamicCache.batch_repeat_interleave`). HF `generate(num_return_sequences=N)`
-  prefills every prompt N times.
-- **Decode together, leave early.** All N x prompts rows take one token per step; a row leaves
-  the batch (its cache rows are dropped with `batch_select_indices`) at EOS, at the token
-  budget, or at its first *final* parse (`workbench.measure.answers`).
+  position ids counted from each prompt's first real token). HF
+  `generate(num_return_sequences=N)` prefills every prompt N times.
+- **One row per distinct prefix.** The N samples of a prompt start as one row (the prompt).
+  At each step every sample of a row draws its next token from the row's one distribution,
+  and the row splits into one child per distinct token drawn (the children's KV cache rows
+  are copies of the parent's, `batch_select_indices`): the forward batch holds the distinct
+  (prompt, generated prefix) pairs, not N x prompts rows, and each distinct completion is
+  decoded and parsed once. A child leaves at EOS, at the token budget, or at its first
+  *final* parse (`workbench.measure.answers`).
 - **Sampling.** float32 softmax(logits / temperature), HF's top-p rule (`TopPLogitsWarper`),
-  inverse-CDF draws from one `torch.Generator` per wave seeded from (seed, the wave's first
-  prompt id, its size).
+  inverse-CDF draws (`draw`) at uniforms that depend only on (seed, prompt id, sample,
+  step) (`uniforms`). Sharing a row changes no draw (each sample keeps its uniform), and
+  neither do the wave's other prompts: the same samples at any batch or wave size (up to
+  float32 rounding of logits computed in other batch shapes, which moves a token only when
+  a uniform falls within ~1e-7 of a CDF boundary).
 - **Answer positions.** Each step keeps the raw logits of every option's single-token surface
   forms (the study's `scoring.variants` of labels, texts and values), the full-vocabulary
   log-sum-exp (at temperature 1 and at the sampling temperature) and the top-p threshold, never
-  a full-vocabulary row; the wave's prompt KV cache is kept for the teacher-forced slots. The
-  slots themselves are read in `workbench.measure.answer_position`.
+  a full-vocabulary row, per distinct completion; the wave's prompt KV cache is kept for the
+  teacher-forced slots. The slots themselves are read in `workbench.measure.answer_position`.
 - **Memory.** A wave holds at most `WAVE_CACHE_BYTES` of KV cache: `prompts_per_wave` lowers
   the prompts per wave below `batch_rows // n` when the model's cache per token times the
-  longest prompt plus `max_new` would exceed it (deterministic: the same run gets the same
-  waves, also after a resume).
+  longest prompt plus `max_new` would exceed it with every sample in its own row (a bound;
+  deterministic: the same run gets the same waves, also after a resume).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -157,15 +163,32 @@ def _top_p_threshold(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     return sorted_logits.gather(1, removed[:, None]).squeeze(1)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """[rows] one token per row from `probs` [rows, vocab], by inverse CDF.
+def uniforms(seed: int, prompt_ids: Sequence[int], n: int, max_new: int) -> np.ndarray:
+    """[prompt, sample, step] the uniforms in [0, 1) that draw every token (float32).
 
-    Exact sampling like `torch.multinomial`, several times faster on CPU; `right=True`
-    never returns a token of probability 0.
+    `u[p, s, t]` is draw `s * max_new + t` of a PCG64 stream seeded from (seed, prompt id):
+    it depends on nothing else, so no batch, wave, world size or resume point changes a
+    draw, and sample s of a run with N samples is sample s of a run with more.
+    """
+    out = np.empty((len(prompt_ids), n, max_new), dtype=np.float32)
+    for i, pid in enumerate(prompt_ids):
+        digest = hashlib.sha256(f"workbench-sample/{seed}/{pid}".encode()).digest()
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+        out[i] = rng.random((n, max_new), dtype=np.float32)
+    return out
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[row, k] tokens from `probs` [row, vocab] by inverse CDF at the uniforms `u` [row, k].
+
+    Exact sampling like `torch.multinomial`, several times faster on CPU. `right=True`
+    skips tokens of probability 0; a uniform that rounds onto the total takes the last
+    token of positive probability.
     """
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    total = cdf[:, -1:].contiguous()
+    last = torch.searchsorted(cdf, total)  # the last token of positive probability
+    return torch.searchsorted(cdf, u * total, right=True).minimum(last)
 
 
 WAVE_CACHE_BYTES = 1 << 30
@@ -194,7 +217,8 @@ def kv_bytes_per_token(model: Any) -> int | None:
 def prompts_per_wave(
     lm: LoadedModel, plans: list[Plan], n: int, batch_rows: int, max_new: int
 ) -> int:
-    """Prompts per wave: `batch_rows // n`, lowered so a wave's KV cache fits WAVE_CACHE_BYTES."""
+    """Prompts per wave: `batch_rows // n`, lowered so a wave's KV cache fits WAVE_CACHE_BYTES
+    even when all its samples differ (a bound: rows that share a prefix share a cache row)."""
     per_wave = max(1, batch_rows // n)
     per_token = kv_bytes_per_token(lm.model)
     if per_token and plans:
@@ -229,7 +253,8 @@ class Prefix:
 
 @dataclass
 class Records:
-    """What the decoding steps keep for the answer positions ([row, step] unless said)."""
+    """What the decoding steps keep for the answer positions ([row, step] unless said), one
+    row per `Row` (a distinct completion: its samples share every step)."""
 
     cand: np.ndarray
     """[row, step, cand] raw logits of the plan's candidate tokens."""
@@ -266,8 +291,8 @@ def prefill(lm: LoadedModel, plans: list[Plan]) -> tuple[torch.Tensor, Any, torc
 def prefix_of(cache: Any, mask: torch.Tensor, plans: list[Plan]) -> Prefix | None:
     """The prompt cache minus each prompt's last token (None for a cache without keys/values).
 
-    Keeps references to the cache's tensors: expanding or appending to `cache` afterwards
-    (`batch_repeat_interleave`, `update`) makes new tensors and leaves these intact.
+    Keeps references to the cache's tensors: selecting rows of `cache` or appending to it
+    afterwards (`batch_select_indices`, `update`) makes new tensors and leaves these intact.
     """
     kv = []
     width = mask.shape[1] - 1
@@ -286,7 +311,7 @@ def prefix_of(cache: Any, mask: torch.Tensor, plans: list[Plan]) -> Prefix | Non
 
 @dataclass
 class Row:
-    """One finished sample."""
+    """One distinct finished completion of a prompt, shared by the samples that drew it."""
 
     text: str
     ids: list[int]
@@ -294,6 +319,10 @@ class Row:
     result: Parsed | Verbalized
     text_len: list[int]
     """Decoded length after each generated token (maps the answer to its token)."""
+    prompt: int = 0
+    """Index of its prompt in the wave."""
+    samples: list[int] = field(default_factory=lambda: [0])
+    """The sample indices (0..n-1) that drew exactly this completion."""
 
 
 def batch_decoder(tokenizer: Any) -> Callable[[list[list[int]]], list[str]]:
@@ -305,13 +334,28 @@ def batch_decoder(tokenizer: Any) -> Callable[[list[list[int]]], list[str]]:
     return lambda ids: list(tokenizer.batch_decode(ids, skip_special_tokens=True))
 
 
-def _read_verbalized(parser: AnswerParser, text: str, ended: bool) -> Verbalized:
-    return parse_verbalized(text, parser, ended)
+def _token_tables(
+    plans: list[Plan], vocab: int, device: Any, constrain: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([prompt, cand] candidate token ids, [prompt, vocab] tokens allowed first or None).
 
-
-def _wave_seed(seed: int, first_prompt: int, size: int) -> int:
-    digest = hashlib.sha256(f"workbench-sample/{seed}/{first_prompt}/{size}".encode()).hexdigest()
-    return int(digest[:15], 16)
+    Candidates are padded with the prompt's own first candidate (never 0: a scatter of a pad
+    index must not clear a real token).
+    """
+    n_cand = max(1, max(len(p.cand_ids) for p in plans))
+    cand = torch.zeros((len(plans), n_cand), dtype=torch.long)
+    for i, p in enumerate(plans):
+        row = p.cand_ids or [0]
+        cand[i] = torch.tensor(row + [row[0]] * (n_cand - len(row)))
+    if not constrain:
+        return cand.to(device), None
+    n_lab = max(len(p.label_ids) for p in plans)
+    lab = torch.zeros((len(plans), n_lab), dtype=torch.long)
+    for i, p in enumerate(plans):
+        lab[i] = torch.tensor(p.label_ids + [p.label_ids[0]] * (n_lab - len(p.label_ids)))
+    allowed = torch.zeros((len(plans), vocab), dtype=torch.bool)
+    allowed.scatter_(1, lab, True)
+    return cand.to(device), allowed.to(device)
 
 
 @torch.inference_mode()
@@ -325,138 +369,138 @@ def run_wave(
 ) -> tuple[list[Row], Records]:
     """Sample `config.n` completions for every prompt of one wave.
 
-    Returns the finished rows (prompt-major, sample-minor) and the per-step `Records`
-    (with the wave's prompt cache when answer positions are recorded).
+    The forward batch holds one row per distinct (prompt, generated prefix), not one per
+    sample: a row's samples draw their next tokens from its one distribution (each with its
+    own uniform, `uniforms`), and the row splits into one child per distinct token drawn
+    (the children's KV cache rows are copies of the parent's, `batch_select_indices`). A
+    child leaves at EOS, at `max_new`, or at its first final parse (parsed once per child,
+    not per sample). Returns the distinct finished completions (each with the samples that
+    drew it) and their per-step `Records` (with the wave's prompt cache when answer
+    positions are recorded).
     """
-    model, tok, device = lm.model, lm.tokenizer, lm.device
-    n, n_prompts = config.n, len(plans)
-    lengths = [len(p.prompt.input_ids) for p in plans]
+    model, device = lm.model, lm.device
+    n, temperature = config.n, config.temperature
     logits, cache, mask = prefill(lm, plans)
+    vocab = logits.shape[-1]
     record = config.answer_position and not verbalized
     prefix = prefix_of(cache, mask, plans) if record else None
-    cache.batch_repeat_interleave(n)
-    logits = logits.repeat_interleave(n, 0)
-    mask = mask.repeat_interleave(n, 0)
-    next_pos = torch.tensor(lengths, device=device).repeat_interleave(n)
-    n_rows = n_prompts * n
-    row_prompt = np.repeat(np.arange(n_prompts), n)
+    u_all = uniforms(config.seed, [p.prompt.prompt_id for p in plans], n, max_new)
+    cand_p, allowed_first = _token_tables(plans, vocab, device, config.constrain)
+    decode = batch_decoder(lm.tokenizer)
+    parsed: dict[tuple[int, str, bool], Parsed | Verbalized] = {}
 
-    # Candidate token ids per row, padded with the row's own first candidate (never 0: a
-    # scatter of a pad index must not clear a real token).
-    n_cand = max(1, max(len(p.cand_ids) for p in plans))
-    cand_p = torch.zeros((n_prompts, n_cand), dtype=torch.long)
-    for i, p in enumerate(plans):
-        row = p.cand_ids or [0]
-        cand_p[i] = torch.tensor(row + [row[0]] * (n_cand - len(row)))
-    cand_rows = cand_p.to(device).repeat_interleave(n, 0)
-    steps = max_new if record else 1  # no records needed: keep the buffers tiny
-    buf_cand = torch.full((n_rows, steps, n_cand), float("nan"), device=device)
-    buf_lse = torch.full((n_rows, steps), float("nan"), device=device)
-    scaled_lse = config.temperature != 1.0
-    buf_lse_t = torch.full((n_rows, steps), float("nan"), device=device) if scaled_lse else buf_lse
-    buf_thr = torch.full((n_rows, steps), float("-inf"), device=device)
-    allowed_first = None
-    if config.constrain:
-        n_lab = max(len(p.label_ids) for p in plans)
-        lab = torch.zeros((n_prompts, n_lab), dtype=torch.long)
-        for i, p in enumerate(plans):
-            lab[i] = torch.tensor(p.label_ids + [p.label_ids[0]] * (n_lab - len(p.label_ids)))
-        allowed_first = torch.zeros((n_prompts, logits.shape[-1]), dtype=torch.bool)
-        allowed_first.scatter_(1, lab, True)
-        allowed_first = allowed_first.to(device).repeat_interleave(n, 0)
+    def read(p: int, text: str, ended: bool) -> Parsed | Verbalized:
+        parser = plans[p].parser
+        key = (id(parser), text, ended)
+        if key not in parsed:
+            parsed[key] = (
+                parse_verbalized(text, parser, ended) if verbalized else parser.parse(text, ended)
+            )
+        return parsed[key]
 
-    decode = batch_decoder(tok)
-    read: list[Callable[[str, bool], Parsed | Verbalized]] = [
-        (
-            functools.partial(_read_verbalized, plans[p].parser)
-            if verbalized
-            else plans[p].parser.parse
-        )
-        for p in row_prompt.tolist()
-    ]
-    generator = torch.Generator(device=device)
-    generator.manual_seed(_wave_seed(config.seed, plans[0].prompt.prompt_id, n_prompts))
-    active = torch.arange(n_rows, device=device)
-    active_np = np.arange(n_rows)
-    generated = np.full((n_rows, max_new), -1, dtype=np.int64)
-    text_len = np.zeros((n_rows, max_new), dtype=np.int64)
-    rows: list[Row | None] = [None] * n_rows
+    # The tree's live rows (one per distinct prefix) and their samples, grouped by row.
+    node_prompt = np.arange(len(plans))
+    node_ids = np.zeros((len(plans), 0), dtype=np.int64)
+    node_len = np.zeros((len(plans), 0), dtype=np.int64)
+    s_node = np.repeat(np.arange(len(plans)), n)
+    s_idx = np.tile(np.arange(n), len(plans))
+    steps = max_new if record else 0
+    n_cand = cand_p.shape[1]
+    rec = {
+        "cand": np.full((len(plans), steps, n_cand), np.nan, dtype=np.float32),
+        "lse": np.full((len(plans), steps), np.nan, dtype=np.float32),
+        "lse_t": np.full((len(plans), steps), np.nan, dtype=np.float32),
+        "thr": np.full((len(plans), steps), -np.inf, dtype=np.float32),
+    }
+    done_rec: list[dict[str, np.ndarray]] = []
+    next_pos = torch.tensor([len(p.prompt.input_ids) for p in plans], device=device)
     eos_array = np.array(sorted(eos_ids), dtype=np.int64)
+    finished: list[Row] = []
 
     for step in range(max_new):
+        n_rows = len(node_prompt)
         if record:
-            buf_lse[active, step] = torch.logsumexp(logits, -1)
-            buf_cand[active, step] = logits.gather(1, cand_rows[active])
-        if allowed_first is not None and step == 0:
+            rec["lse"][:, step] = torch.logsumexp(logits, -1).cpu().numpy()
+            rows_cand = cand_p[torch.from_numpy(node_prompt).to(device)]
+            rec["cand"][:, step] = logits.gather(1, rows_cand).cpu().numpy()
+        if allowed_first is not None and step == 0:  # the rows are the prompts, in order
             logits = logits.masked_fill(~allowed_first, float("-inf"))
-        scaled = logits / config.temperature
-        if record and scaled_lse:
-            buf_lse_t[active, step] = torch.logsumexp(scaled, -1)
+        scaled = logits / temperature
+        if record:
+            rec["lse_t"][:, step] = (
+                torch.logsumexp(scaled, -1).cpu().numpy()
+                if temperature != 1.0
+                else rec["lse"][:, step]
+            )
         if config.top_p < 1.0:
             thr = _top_p_threshold(scaled, config.top_p)
             scaled = scaled.masked_fill(scaled < thr[:, None], float("-inf"))
             if record:
-                buf_thr[active, step] = thr
-        nxt = _draw(torch.softmax(scaled, -1), generator)
-        nxt_np = nxt.cpu().numpy()
-        generated[active_np, step] = nxt_np
-        is_eos = np.isin(nxt_np, eos_array)
-        texts = decode(generated[active_np, : step + 1].tolist())
+                rec["thr"][:, step] = thr.cpu().numpy()
+        # Each live sample's uniform, laid out [row, k-th sample of the row].
+        counts = np.bincount(s_node, minlength=n_rows)
+        pos = np.arange(len(s_node)) - (np.cumsum(counts) - counts)[s_node]
+        u = np.zeros((n_rows, int(counts.max())), dtype=np.float32)
+        u[s_node, pos] = u_all[node_prompt[s_node], s_idx, step]
+        drawn = draw(torch.softmax(scaled, -1), torch.from_numpy(u).to(device)).cpu().numpy()
+        # One child per distinct (row, token); its samples keep their order.
+        keys, s_child = np.unique(s_node * vocab + drawn[s_node, pos], return_inverse=True)
+        parent, child_tok = keys // vocab, keys % vocab
+        order = np.argsort(s_child, kind="stable")
+        s_child, s_idx = s_child[order], s_idx[order]
+        bounds = np.searchsorted(s_child, np.arange(len(keys) + 1))
+        child_ids = np.concatenate([node_ids[parent], child_tok[:, None]], 1)
+        texts = decode(child_ids.tolist())
+        lengths_now = np.array([[len(t)] for t in texts], dtype=np.int64)
+        child_len = np.concatenate([node_len[parent], lengths_now], 1)
+        is_eos = np.isin(child_tok, eos_array)
         last = step == max_new - 1
-        lengths_now = [len(t) for t in texts]
-        text_len[active_np, step] = lengths_now
-        keep = np.ones(len(active_np), dtype=bool)
-        for i, (r, text, eos) in enumerate(
-            zip(active_np.tolist(), texts, is_eos.tolist(), strict=True)
-        ):
+        keep = np.ones(len(keys), dtype=bool)
+        for c, text in enumerate(texts):
+            eos = bool(is_eos[c])
             ended = eos or last
-            result = read[r](text, ended)
+            p = int(node_prompt[parent[c]])
+            result = read(p, text, ended)
             if not (ended or result.final):
                 continue
             n_tok = step if eos else step + 1
             if eos:
                 finish = "eos"
-            elif not last or read[r](text, False).final:
+            elif not last or read(p, text, False).final:
                 finish = "answer"
             else:
                 finish = "max_tokens"
-            rows[r] = Row(
-                text,
-                generated[r, :n_tok].tolist(),
-                finish,
-                result,
-                text_len[r, :n_tok].tolist(),
-            )
-            keep[i] = False
+            samples = s_idx[bounds[c] : bounds[c + 1]].tolist()
+            ids, tl = child_ids[c, :n_tok].tolist(), child_len[c, :n_tok].tolist()
+            finished.append(Row(text, ids, finish, result, tl, p, samples))
+            keep[c] = False
+        if not keep.all():
+            done_rec.append({k: v[parent[~keep]] for k, v in rec.items()})
         if not keep.any():
             break
-        if not keep.all():
-            keep_t = torch.from_numpy(keep).to(device)
-            idx = torch.nonzero(keep_t).squeeze(1)
+        sel = parent[keep]
+        alive = keep[s_child]
+        s_node = (np.cumsum(keep) - 1)[s_child[alive]]
+        s_idx = s_idx[alive]
+        if len(sel) != n_rows or (sel != np.arange(n_rows)).any():
+            idx = torch.from_numpy(sel).to(device)
             cache.batch_select_indices(idx)
-            active, mask, next_pos, nxt = active[idx], mask[idx], next_pos[idx], nxt[idx]
-            active_np = active_np[keep]
-        mask = torch.cat(
-            [mask, torch.ones((len(active_np), 1), dtype=mask.dtype, device=device)], 1
-        )
+            mask, next_pos = mask[idx], next_pos[idx]
+            rec = {k: v[sel] for k, v in rec.items()}
+        node_prompt, node_ids, node_len = node_prompt[sel], child_ids[keep], child_len[keep]
+        mask = torch.cat([mask, torch.ones((len(sel), 1), dtype=mask.dtype, device=device)], 1)
         logits, cache = _forward(
             model,
-            input_ids=nxt[:, None],
+            input_ids=torch.from_numpy(child_tok[keep])[:, None].to(device),
             attention_mask=mask,
             position_ids=next_pos[:, None],
             cache=cache,
         )
         next_pos = next_pos + 1
-    finished = [r for r in rows if r is not None]
-    assert len(finished) == n_rows
+    assert sum(len(r.samples) for r in finished) == n * len(plans)
     del cache, logits
-    records = Records(
-        buf_cand.cpu().numpy(),
-        buf_lse.cpu().numpy(),
-        buf_lse_t.cpu().numpy(),
-        buf_thr.cpu().numpy(),
-        prefix,
-    )
+    stacked = {k: np.concatenate([d[k] for d in done_rec]) for k in rec}
+    records = Records(stacked["cand"], stacked["lse"], stacked["lse_t"], stacked["thr"], prefix)
     return finished, records
 
 

@@ -5,13 +5,18 @@ dropped; see `workbench.measure.answers`), counted into a sampled distribution; 
 the *answer-position* estimate: for every sample whose text reaches its answer, the exact
 option distribution at that position, averaged over samples.
 
-**The engine** (`workbench.measure.decoding`): each prompt is prefilled once and its KV cache repeated
-N times (HF `generate(num_return_sequences=N)` prefills it N times); the rows of a wave of
-`batch_rows // n` prompts decode together and leave the batch at EOS, at `max_new_tokens`, or
-as soon as their answer is parsed. Float32 softmax(logits / temperature), HF's top-p rule, one
-`torch.Generator` per wave seeded from (seed, the wave's first prompt id, its size): a run is
-reproducible for the same seed and `batch_rows`, and a resumed run draws exactly what the
-uninterrupted one would.
+**The engine** (`workbench.measure.decoding`): each prompt is prefilled once (HF
+`generate(num_return_sequences=N)` prefills it N times); a wave of `batch_rows // n` prompts
+decodes together with one forward row per distinct generated prefix, not per sample (the
+samples of a row draw from its one distribution and split it where their tokens differ);
+completions leave at EOS, at `max_new_tokens`, or as soon as their answer is parsed. Float32
+softmax(logits / temperature), HF's top-p rule, inverse-CDF draws whose uniforms depend only
+on (seed, prompt id, sample, step) (`decoding.uniforms`): batch size, wave size, world size,
+resume points and out-of-memory retries (`runs.retry_on_oom` halves the prompts decoded
+together; the manifest's `out_of_memory` lists each halving) never change a draw. The same
+waves give the same numbers bit for bit; other batch shapes move float32 logits in their
+last bits, so the stored probabilities may differ by ~1e-7 (and a token only if a uniform
+falls within that of a CDF boundary).
 
 **Answer-position distributions (Rao-Blackwellization).** For every sample whose text reaches
 its answer, the exact option distribution at the answer's token is read by teacher forcing
@@ -43,6 +48,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +61,14 @@ from workbench.engine.models import LoadedModel
 from workbench.errors import WorkbenchError
 from workbench.measure import answer_position as A
 from workbench.measure import decoding as D
-from workbench.measure.answers import REFUSAL_PHRASES, Parsed, Verbalized, verbalized_example
-from workbench.runs import MANIFEST, PROMPTS, RunFolder, announce_resume
+from workbench.measure.answers import REFUSAL_PHRASES, verbalized_example
+from workbench.measure.sample_tables import sampled_distributions, wave_samples
+from workbench.runs import MANIFEST, PROMPTS, RunFolder, announce_resume, retry_on_oom
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
+DRAWS = "uniforms per (seed, prompt id): PCG64, u[sample, step]"
+"""The seeding scheme (in the run identity: a run folder sampled under another is refused)."""
 SAMPLES = "samples"
 SAMPLED = "sampled_distributions"
 TABLES = (SAMPLES, SAMPLED)
@@ -79,7 +88,8 @@ class SamplingConfig:
     seed: int = 0
     batch_rows: int = 2048
     """Decoding rows per wave (prompts per wave = max(1, batch_rows // n), fewer when the
-    wave's KV cache would exceed `decoding.WAVE_CACHE_BYTES`; the manifest records it)."""
+    wave's KV cache would exceed `decoding.WAVE_CACHE_BYTES`; the manifest records it). It
+    changes no draw, only speed and memory (rows that share a prefix share one row)."""
     constrain: bool = False
     """Guided choice: the first token is drawn among the options' single-token label forms
     only. At temperature 1 its distribution is then exactly the logit distribution."""
@@ -160,149 +170,6 @@ def verbalized_study(study: Study) -> Study:
 
 
 # --------------------------------------------------------------------------------------------
-# tables
-
-
-def _sample_rows(
-    plans: list[D.Plan],
-    rows: list[D.Row],
-    slots: list[dict[str, Any]] | None,
-    n: int,
-    verbalized: bool,
-) -> list[dict[str, Any]]:
-    out = []
-    for r, row in enumerate(rows):
-        plan = plans[r // n]
-        base: dict[str, Any] = {
-            "prompt_id": plan.prompt.prompt_id,
-            "sample": r % n,
-            "text": row.text,
-            "n_new_tokens": len(row.ids),
-            "finish": row.finish,
-        }
-        if verbalized:
-            v = row.result
-            assert isinstance(v, Verbalized)
-            n_sub = len(plan.question.options)
-            option = int(np.argmax(v.prob[:n_sub])) if v.prob is not None else None
-            base.update(
-                option_id=option,
-                status=v.status,
-                how="json" if v.status == "ok" else (v.error or "none"),
-                stated_probs=list(v.prob) if v.prob is not None else None,
-                error=v.error,
-                raw_total=v.raw_total,
-                n_missing=v.n_missing,
-            )
-        else:
-            parsed = row.result
-            assert isinstance(parsed, Parsed)
-            base.update(
-                option_id=parsed.option_id,
-                status=parsed.status,
-                how=parsed.how,
-                kind=parsed.kind,
-                answer_start=parsed.start,
-            )
-            if slots is not None:
-                base.update(slots[r])
-        out.append(base)
-    return out
-
-
-def samples_frame(rows: list[dict[str, Any]], verbalized: bool) -> pd.DataFrame:
-    """`samples.parquet` with stable dtypes (nullable integers for ids that may be null)."""
-    frame = pd.DataFrame(rows)
-    for col in ("option_id", "answer_start", "answer_token", "n_missing"):
-        if col in frame.columns:
-            frame[col] = frame[col].astype("Int64")
-    for col in ("kind", "error"):
-        if col in frame.columns:
-            frame[col] = frame[col].astype("string")
-    return frame
-
-
-def sampled_distributions(
-    study: Study, prompts: list[P.Prompt], samples: pd.DataFrame, verbalized: bool
-) -> pd.DataFrame:
-    """Per prompt and option: count, prob, prob_answer_position and per-prompt counts.
-
-    `prob` = count / (substantive answers), null for refusal options (as `distributions`).
-    `prob_answer_position` = mean over samples with an answer slot of the slot's sampling
-    distribution (over all options), renormalized over the substantive options.
-    Verbalized: `prob` = mean of the valid stated distributions (renormalized over the
-    substantive options); `count` = valid samples whose stated mode is the option.
-    `refusal_share` (and `..._answer_position`): the refusal options' share among answers
-    naming an option (verbalized: the mean stated share), per prompt.
-    """
-    questions = {q.id: q for q in study.questions}
-    by_prompt = dict(tuple(samples.groupby("prompt_id", sort=False)))
-    rows = []
-    for prompt in prompts:
-        grp = by_prompt.get(prompt.prompt_id)
-        if grp is None:
-            continue
-        question = questions[prompt.question_id]
-        n_sub, n_all = len(question.options), len(question.all_options)
-        status = grp["status"].to_numpy()
-        options = grp["option_id"].to_numpy(dtype="float64", na_value=np.nan)
-        counts = np.array([(options == o).sum() for o in range(n_all)], dtype=np.int64)
-        n_ok = int((status == "ok").sum())
-        prob = np.full(n_all, np.nan)
-        rb = np.full(n_all, np.nan)
-        n_slot = 0
-        refusal = refusal_rb = np.nan
-        if verbalized:
-            valid = [
-                np.asarray(p) for p, s in zip(grp["stated_probs"], status, strict=True) if s == "ok"
-            ]
-            if valid:
-                full = np.mean(valid, axis=0)
-                refusal = float(full[n_sub:].sum())
-                if full[:n_sub].sum() > 0:
-                    prob[:n_sub] = full[:n_sub] / full[:n_sub].sum()
-        else:
-            if counts.sum():
-                refusal = float(counts[n_sub:].sum() / counts.sum())
-            if n_ok:
-                prob[:n_sub] = counts[:n_sub] / counts[:n_sub].sum()
-            if "answer_probs" in grp.columns:
-                slots = [np.asarray(p) for p in grp["answer_probs"] if p is not None]
-                slots = [p for p in slots if not np.isnan(p).any()]
-                n_slot = len(slots)
-                if slots:
-                    full = np.mean(slots, axis=0)
-                    refusal_rb = float(full[n_sub:].sum())
-                    if full[:n_sub].sum() > 0:
-                        rb[:n_sub] = full[:n_sub] / full[:n_sub].sum()
-        labels = {
-            o: question.label_at(pos, question.all_options[o]) for pos, o in enumerate(prompt.order)
-        }
-        positions = {o: pos for pos, o in enumerate(prompt.order)}
-        for o in range(n_all):
-            rows.append(
-                {
-                    "prompt_id": prompt.prompt_id,
-                    "option_id": o,
-                    "label": labels[o],
-                    "position": positions[o],
-                    "is_refusal": o >= n_sub,
-                    "count": int(counts[o]),
-                    "prob": float(prob[o]),
-                    "prob_answer_position": float(rb[o]),
-                    "n_samples": len(grp),
-                    "n_ok": n_ok,
-                    "n_refusal": int((status == "refusal").sum()),
-                    "n_unparseable": int((status == "unparseable").sum()),
-                    "n_answer_position": n_slot,
-                    "refusal_share": refusal,
-                    "refusal_share_answer_position": refusal_rb,
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------------------------
 # the run
 
 
@@ -312,8 +179,14 @@ def conventions(
     """Every convention of a sampling run, spelled out for the manifest."""
     return {
         "elicitation": "verbalized" if verbalized else "answer",
-        "sampling": "float32 softmax(logits / temperature), HF top-p rule, torch.Generator "
-        "per wave seeded from (seed, first prompt id, wave size)",
+        "sampling": "float32 softmax(logits / temperature), HF top-p rule, inverse-CDF draws",
+        "seeding": "per prompt, a numpy PCG64 stream seeded with the first 16 bytes "
+        "(little-endian) of sha256('workbench-sample/{seed}/{prompt_id}'); the uniform of "
+        "sample s at step t is its float32 draw s * max_new_tokens + t: no batch size, wave, "
+        "world size, resume point or out-of-memory retry changes a draw, and samples 0..N-1 "
+        "of a run with more samples are the same",
+        "prefix_sharing": "one forward row per distinct (prompt, generated prefix); its samples "
+        "draw with their own uniforms from its one distribution",
         "temperature": config.temperature,
         "top_p": config.top_p,
         "max_new_tokens": max_new,
@@ -385,9 +258,13 @@ def compute_samples(
             "study": study.name,
             "prompts_fingerprint": P.prompts_fingerprint(prompts),
             "sampling_spec": asdict(study.sampling),
+            # batch_rows is left out: it changes no draw (a resume may use another)
             "config": {
-                k: v for k, v in asdict(config).items() if k not in ("progress", "chunk_prompts")
+                k: v
+                for k, v in asdict(config).items()
+                if k not in ("progress", "chunk_prompts", "batch_rows")
             },
+            "draws": DRAWS,
             "max_new_tokens": max_new,
             "verbalized": verbalized,
             "model": lm.name,
@@ -398,9 +275,12 @@ def compute_samples(
         if config.progress and run.ranks.is_main:
             announce_resume(run.path, len(done), len(plans))
 
-    # A wave's draws depend only on its prompts (its generator is seeded from them), so whole
-    # waves go to ranks and a wave's samples are the same at any world size or resume point.
-    todo = [w for w in waves if not all(p.prompt.prompt_id in done for p in w)]
+    # Whole waves go to ranks and to chunks: a wave is a fixed slice of the study's prompts,
+    # so every rank, resume point and world size runs the same batches (bit for bit). The
+    # draws depend only on (seed, prompt, sample, step): a smaller batch after an
+    # out-of-memory error draws the same tokens.
+    todo = [[p for p in w if p.prompt.prompt_id not in done] for w in waves]
+    todo = [w for w in todo if w]  # whole waves when resumed with the same batch_rows
     skipped = len(plans) - sum(map(len, todo))
     if run is not None:
         todo = distributed.shard(todo, len, run.ranks)
@@ -412,24 +292,32 @@ def compute_samples(
         unit="prompt",
         disable=not config.progress,
     )
+    record = config.answer_position and not verbalized
+
+    def sample_wave(size: int, wave: list[D.Plan]) -> pd.DataFrame:
+        """The wave's samples, decoded `size` prompts at a time."""
+        frames = []
+        for start in range(0, len(wave), size):
+            part = wave[start : start + size]
+            rows, records = D.run_wave(lm, part, config, max_new, verbalized, eos)
+            slots = A.answer_positions(lm, part, rows, records, config) if record else None
+            del records  # the prompt cache: free it before the next prefill
+            frames.append(wave_samples(part, rows, slots, config.n, verbalized))
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
     collected: list[pd.DataFrame] = []
+    oom: list[dict[str, Any]] = []
+    batch = per_wave
     t_sample = time.time()
     for chunk in chunks:
-        chunk_plans = [p for wave in chunk for p in wave]
-        rows: list[dict[str, Any]] = []
+        frames = []
         for wave in chunk:
-            finished, records = D.run_wave(lm, wave, config, max_new, verbalized, eos)
-            slots = (
-                A.answer_positions(lm, wave, finished, records, config)
-                if config.answer_position and not verbalized
-                else None
-            )
-            del records  # the wave's prompt cache: free it before the next prefill
-            rows += _sample_rows(wave, finished, slots, config.n, verbalized)
+            frame, batch = retry_on_oom(partial(sample_wave, wave=wave), batch, oom, "sampling")
+            frames.append(frame)
             bar.update(len(wave))
-        frame = samples_frame(rows, verbalized)
+        frame = pd.concat(frames, ignore_index=True)
         if run is not None:
-            chunk_prompts = [p.prompt for p in chunk_plans]
+            chunk_prompts = [p.prompt for wave in chunk for p in wave]
             dist = sampled_distributions(run_study, chunk_prompts, frame, verbalized)
             run.write_chunk({SAMPLES: frame, SAMPLED: dist})
         else:
@@ -463,6 +351,7 @@ def compute_samples(
             "resumed_prompts": len(done),
             **{f"status_{k}": int(v) for k, v in status_counts.items()},
         },
+        "out_of_memory": oom,
         "timings_s": {
             "sample": round(t_sample, 3),
             "total": round(time.time() - t0, 3),
