@@ -8,16 +8,16 @@ one run folder, and rank 0 merges them, computes what needs every row (bootstrap
 intervals, figures) and writes the manifest last. Only barriers and a few counters
 (`sum_over_ranks`) cross processes, so the process group is gloo whatever the device: no
 activation is ever communicated, and gloo waits on the CPU for as long as the slowest rank
-needs (`WORKBENCH_DIST_TIMEOUT_S`, default 24 hours). `probe` runs no model: rank 0 does
-the work `alone()` while the others wait.
+needs (`WORKBENCH_DIST_TIMEOUT_S`, default 24 hours). A command that splits no work
+(`probe`, `effects`, `compare`, ...) runs on rank 0 `alone()` while the others wait.
 
 Results do not depend on the world size: the units handed to ranks are the units whose
 numbers never depend on what runs beside them (a persona's prefix group for
-distributions, a chunk of seeded waves for sampling, a fixed chunk of prompts for
-activations, a fixed chunk of pairs for patching and attribution patching, of prompts for
-integrated gradients, a direction for steering, a method x subspace for mediation), so
-every rank computes exactly what one process would, and a resumed run may use another
-world size.
+distributions; whole waves for sampling, whose draws depend only on seed, prompt, sample
+and step; a fixed chunk of prompts for activations; a fixed chunk of pairs for patching
+and attribution patching, of prompts for integrated gradients; a direction for steering;
+a method x subspace for mediation), so every rank computes exactly what one process
+would, and a resumed run may use another world size.
 
 GPUs: each rank sees its own group of GPUs (`CUDA_VISIBLE_DEVICES`, set before CUDA starts):
 `LOCAL_WORLD_SIZE` ranks on a node with G GPUs get G / LOCAL_WORLD_SIZE GPUs each, so

@@ -43,7 +43,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from workbench import distributed
     from workbench.interp.activations import ActivationStore
     from workbench.interp.probe_study import ProbeConfig, ProbeSpec, load_probe_study
     from workbench.interp.probing import run_probes
@@ -68,17 +67,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     store = ActivationStore.open(args.activations)
     out = args.out or str(Path(args.activations) / "probes")
-    # No model runs here: under a launcher rank 0 fits every probe alone and the others wait
-    ranks = distributed.current()
-    try:
-        if not ranks.is_main:
-            return 0
-        with distributed.alone():
-            result = run_probes(
-                store, config, out, distributions=args.distributions, overwrite=args.overwrite
-            )
-    finally:
-        distributed.barrier()
+    result = run_probes(
+        store, config, out, distributions=args.distributions, overwrite=args.overwrite
+    )
     real = result.probes[result.probes["control"] == "none"]
     best = real.sort_values("mean", ascending=False).drop_duplicates(["target", "position_label"])
     cols = ["target", "position_label", "site", "metric", "mean", "chance", "selectivity"]

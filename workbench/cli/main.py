@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 
 from workbench.cli import interp, measure, steering
-from workbench.cli.common import show_defaults
+from workbench.cli.common import DATA_PARALLEL, show_defaults
 from workbench.errors import WorkbenchError
 
 
@@ -85,6 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; under a torchrun / accelerate launch, a command that does not split
+    its work (probe, effects, compare, report, demo, ...) runs on rank 0 alone while the
+    other ranks wait for it and exit 0, so no two processes write the same files."""
+    from workbench import distributed
+
+    ranks = distributed.launched()
+    if not ranks.active or args.command in DATA_PARALLEL:
+        return func(args)
+    distributed.current()
+    try:
+        if not ranks.is_main:
+            return 0
+        with distributed.alone():
+            return func(args)
+    finally:
+        distributed.barrier()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return func(args)
+        return _run(func, args)
     except WorkbenchError as err:
         print(str(err), file=sys.stderr)
         return err.exit_code

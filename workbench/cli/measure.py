@@ -167,7 +167,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="skip the answer-position (teacher-forced) distributions",
     )
-    p.add_argument("--batch-rows", type=int, default=2048, help="decoding rows per wave")
+    p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=2048,
+        help="samples decoded together per wave (speed and memory only; changes no draw)",
+    )
     p.add_argument(
         "--chunk-prompts", type=int, default=256, help="prompts per chunk written to disk"
     )
