@@ -39,6 +39,9 @@ Every row checks that it ran the path it names (`path_checks`, from the position
 rows unembedded counted with hooks) and a failed check exits with status 1; the test suite
 runs `--quick` and `--quick --matrix` and asserts the checks.
 
+The study, models and hook counters live in `scripts/bench_distributions_setup.py`; the path
+checks and the markdown report in `scripts/bench_distributions_report.py`.
+
 On a shared machine, `--threads 1` keeps CPU timings stable (two threads spin against other
 processes); the 1-minute load average before and after is recorded.
 
@@ -72,23 +75,17 @@ Model shapes (`--shape`):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import datetime as dt
 import io
 import logging
 import os
-import platform
 import pstats
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,375 +93,47 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.engine.models import LoadedModel, load_model
-from workbench.engine.scoring import Request, naive_score
-from workbench.measure.distributions import (
-    DistributionConfig,
-    build_requests,
-    compute_distributions,
+from scripts.bench_distributions_report import (
+    METHODS,
+    REPO,
+    TOLERANCE,
+    BenchReport,
+    MethodResult,
+    markdown,
+    markdown_matrix,
+    matrix_rows,
+    max_abs,
+    path_checks,
+    path_plan,
+    print_table,
+    render_table,
+    study_stats,
 )
-from workbench.study import prompts as P
+from scripts.bench_distributions_setup import (
+    MATRIX_OPTIONS,
+    PERSONAS,
+    SCORINGS,
+    SHAPES,
+    Workload,
+    build_model,
+    build_shape_model,
+    corpus,
+    counting,
+    flop_params,
+    make_workload,
+    resolve_dtype,
+    study_dict,
+    sub_study,
+)
+from workbench.engine.models import LoadedModel
+from workbench.engine.scoring import naive_score
+from workbench.measure.distributions import DistributionConfig, compute_distributions
 from workbench.study.load import parse_study
-from workbench.study.spec import Study
-from workbench.tiny import build_tiny_model, train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-4
-"""Max |delta log-prob| allowed against lm-eval in float32."""
-
-# --------------------------------------------------------------------------------------------
-# the study
-
-LIKERT7 = (
-    "Strongly agree",
-    "Agree",
-    "Somewhat agree",
-    "Neither agree nor disagree",
-    "Somewhat disagree",
-    "Disagree",
-    "Strongly disagree",
-)
-LIKERT5 = (
-    "Strongly agree",
-    "Somewhat agree",
-    "Neither agree nor disagree",
-    "Somewhat disagree",
-    "Strongly disagree",
-)
-LIKERT11 = (
-    "Completely agree",
-    "Strongly agree",
-    "Mostly agree",
-    "Agree",
-    "Somewhat agree",
-    "Neither agree nor disagree",
-    "Somewhat disagree",
-    "Disagree",
-    "Mostly disagree",
-    "Strongly disagree",
-    "Completely disagree",
-)
-
-AGES = ("19", "27", "34", "45", "58", "71")
-OCCUPATIONS = (
-    "a nurse",
-    "a truck driver",
-    "a school teacher",
-    "a software developer",
-    "a retired farmer",
-    "a small business owner",
-    "an electrician",
-    "a graduate student",
-)
-REGIONS = (
-    "rural Ohio",
-    "downtown Chicago",
-    "suburban Atlanta",
-    "central Texas",
-    "coastal Oregon",
-    "upstate New York",
-)
-PARTIES = ("a Democrat", "a Republican", "an independent", "a libertarian")
-
-SHORT_PERSONA = (
-    "I am {age} years old, I work as {occupation}, I live in {region} and I am {party}.",
-)
-"""The short persona prefix (about 25 tokens with BOS)."""
-PERSONA_FRAGMENTS = (
-    "I am {age} years old and I work as {occupation}.",
-    "I live in {region}, in the same town where I grew up, close to my parents and my two younger brothers.",
-    "Politically, I consider myself {party}, and I vote in almost every local, state and national election.",
-    "On weekdays I get up early, read the news over coffee, and talk with my neighbours about prices, schools, roads and the weather.",
-    "My household income is about average for my area; we rent our home, own one car, and try to save a little money every month.",
-    "I finished high school, took some college classes at night, and I still like to read history books and watch documentaries in the evening.",
-    "On weekends I volunteer at a food bank, go to church with my family, and help my friends fix their cars and houses.",
-    "When I answer survey questions I say what I really think, even when my opinion is not popular with the people around me.",
-)
-
-STATEMENTS = (
-    "The government should do more to reduce differences in income between rich and poor.",
-    "Immigrants generally strengthen the economy of this country.",
-    "Stricter laws on gun ownership would make my community safer.",
-    "Climate change is a serious threat that requires immediate action.",
-    "Public schools in my area give children a good education.",
-    "Taxes on large companies should be raised.",
-    "The national news media reports the facts fairly and accurately.",
-    "Most people in my community can be trusted.",
-    "Health insurance should be provided by the government for everyone.",
-    "Free trade with other countries has been good for workers like me.",
-    "Police officers in my area treat people of all backgrounds equally.",
-    "Social media does more harm than good to our democracy.",
-    "The minimum wage should be raised substantially.",
-    "Religion should play a larger role in public life.",
-    "Nuclear power is a good way to produce electricity.",
-    "Elections in this country are free and fair.",
-    "Local governments should build more affordable housing.",
-    "Artificial intelligence will create more jobs than it destroys.",
-    "College education should be free at public universities.",
-    "The military budget should be cut.",
-)
-
-TEMPLATE = "{persona}\n\nHow much do you agree with the following statement?\nStatement: {question}\n{options}\nAnswer:"
-
-
-PERSONAS = ("long", "short")
-SCORINGS = ("sequence", "next_token")
-MATRIX_OPTIONS = (2, 5, 11)
-
-
-def likert(n: int) -> tuple[str, ...]:
-    if n == 5:
-        return LIKERT5
-    if n == 11:
-        return LIKERT11
-    if not 2 <= n <= 11:
-        raise SystemExit(f"--options must be between 2 and 11, got {n}")
-    scale = LIKERT7 if n <= 7 else LIKERT11
-    picks = np.round(np.linspace(0, len(scale) - 1, n)).astype(int)
-    return tuple(scale[i] for i in picks)
-
-
-def study_dict(
-    n_personas: int,
-    n_questions: int,
-    n_options: int,
-    seed: int,
-    persona: str = "long",
-    scoring: str = "sequence",
-) -> dict[str, Any]:
-    """The benchmark study as a study-file mapping (what a YAML file would hold).
-
-    `persona`: `long` (8 fragments, ~210 tokens) or `short` (one sentence, ~25 tokens).
-    `scoring`: `sequence` (the option text, " Strongly agree") or `next_token` (the label, " A").
-    """
-    statements = [STATEMENTS[i % len(STATEMENTS)] for i in range(n_questions)]
-    statements = [
-        s if i < len(STATEMENTS) else f"{s[:-1]} (variant {i // len(STATEMENTS)})."
-        for i, s in enumerate(statements)
-    ]
-    options = list(likert(n_options))
-    return {
-        "name": "bench-persona-likert",
-        "description": "Benchmark: long persona prefixes x agree/disagree items, sequence scoring of option texts.",
-        "seed": seed,
-        "factors": [
-            {"name": "age", "role": "persona", "values": list(AGES)},
-            {"name": "occupation", "role": "persona", "values": list(OCCUPATIONS)},
-            {"name": "region", "role": "persona", "values": list(REGIONS)},
-            {"name": "party", "role": "persona", "values": list(PARTIES)},
-        ],
-        "design": {"kind": "random", "n": n_personas, "seed": seed},
-        "template": {
-            "format": "plain",
-            "persona": list(PERSONA_FRAGMENTS if persona == "long" else SHORT_PERSONA),
-            "prompt": TEMPLATE,
-            "option_line": "{label}. {text}",
-        },
-        "questions": [
-            {
-                "id": f"q{i:02d}",
-                "text": s,
-                "options": options,
-                "values": list(range(1, n_options + 1)),
-            }
-            for i, s in enumerate(statements)
-        ],
-        "orders": {"kind": "canonical"},
-        "scoring": {
-            "method": scoring,
-            "target": "text" if scoring == "sequence" else "label",
-            "variants": [" {}"],
-            "top_k": 10,
-        },
-    }
-
-
-def corpus(study: dict[str, Any]) -> list[str]:
-    """Text the tiny tokenizer is trained on: every workload's words (so they merge into
-    tokens), whatever the persona, scoring and options, so one model serves the matrix."""
-    texts = []
-    for age, occ, region, party in zip(AGES, OCCUPATIONS, REGIONS * 2, PARTIES * 2, strict=False):
-        cell = {"age": age, "occupation": occ, "region": region, "party": party}
-        texts.append(" ".join(f.format(**cell) for f in (*PERSONA_FRAGMENTS, *SHORT_PERSONA)))
-    texts += [q["text"] for q in study["questions"]] + list(STATEMENTS)
-    texts += [" ".join(LIKERT7), " ".join(LIKERT11), TEMPLATE]
-    return texts
-
-
-# --------------------------------------------------------------------------------------------
-# models
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": {
-        "hidden_size": 4096,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "intermediate_size": 14336,
-        "vocab_size": 128256,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-    "llama3-toy": {
-        "hidden_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "intermediate_size": 512,
-        "vocab_size": 128256,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-}
-
-
-def build_shape_model(
-    shape: str, texts: list[str], device: str, dtype: torch.dtype, *, vocab: int, seed: int
-) -> LoadedModel:
-    """A random-weight Llama with a named shape, built on `device` (no saving, no download)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tokenizer = train_tokenizer(texts, vocab)
-    cfg = LlamaConfig(
-        **SHAPES[shape],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if len(tokenizer) > cfg.vocab_size:
-        raise SystemExit(
-            f"tokenizer has {len(tokenizer)} ids but the {shape} shape only {cfg.vocab_size}"
-        )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.eval()
-    return LoadedModel(model, tokenizer, f"random:{shape}", None, dtype, torch.device(device))
-
-
-def build_model(args: argparse.Namespace, study: dict[str, Any], workdir: Path) -> LoadedModel:
-    dtype = resolve_dtype(args)
-    if args.shape != "tiny":
-        device = "meta" if args.dry_run else args.device
-        return build_shape_model(
-            args.shape, corpus(study), device, dtype, vocab=args.vocab, seed=args.seed
-        )
-    path = Path(args.model_dir) if args.model_dir else workdir / "tiny-llama"
-    if not (path / "config.json").exists():
-        build_tiny_model(
-            path,
-            "llama",
-            seed=args.seed,
-            texts=corpus(study),
-            vocab_size=args.vocab,
-            d_model=args.d_model,
-            n_layers=args.layers,
-        )
-    return load_model(path, dtype=dtype, device=args.device)
-
-
-def resolve_dtype(args: argparse.Namespace) -> torch.dtype:
-    if args.dtype != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            args.dtype
-        ]
-    if args.shape == "llama3-8b" or args.device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
-# --------------------------------------------------------------------------------------------
-# counting what the model computes
-
-
-@dataclass
-class Counter:
-    forwards: int = 0
-    positions: int = 0
-    """Positions run through the transformer body (padding included)."""
-    head_rows: int = 0
-    """Hidden states multiplied by the unembedding."""
-
-
-@contextlib.contextmanager
-def counting(model: Any) -> Iterator[Counter]:
-    """Count forwards, positions fed and rows unembedded, whatever calls the model."""
-    c = Counter()
-
-    def body_pre(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        c.forwards += 1
-        c.positions += int(ids.numel()) if ids is not None else int(emb.shape[0] * emb.shape[1])
-
-    def head_pre(_mod: Any, args: tuple[Any, ...]) -> None:
-        c.head_rows += int(args[0].numel() // args[0].shape[-1])
-
-    handles = [
-        model.base_model.register_forward_pre_hook(body_pre, with_kwargs=True),
-        model.get_output_embeddings().register_forward_pre_hook(head_pre),
-    ]
-    try:
-        yield c
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def flop_params(model: Any) -> tuple[int, int]:
-    """(parameters of the body without the input embedding, parameters of the unembedding)."""
-    body = sum(p.numel() for p in model.base_model.parameters())
-    body -= model.get_input_embeddings().weight.numel()
-    head = model.get_output_embeddings().weight.numel()
-    return body, head
-
+__all__ = ["build_shape_model", "corpus", "main", "run_workbench", "study_dict"]
 
 # --------------------------------------------------------------------------------------------
 # the three methods
-
-
-@dataclass
-class Workload:
-    """The requests of one (sub)study, in the variants-skeleton row order."""
-
-    study: Study
-    prompts: list[P.Prompt]
-    requests: list[Request]
-    skeleton: pd.DataFrame
-    """One row per scored continuation: prompt_id, option_id, variant, continuation, token_ids."""
-    contexts: list[str]
-    """lm-eval context per skeleton row (the prompt, without the whitespace moved to the continuation)."""
-
-    @property
-    def req_tokens(self) -> int:
-        return int(
-            sum(
-                len(r.context) * len(r.continuations) + sum(map(len, r.continuations))
-                for r in self.requests
-            )
-        )
-
-
-def make_workload(study: Study, lm: LoadedModel) -> Workload:
-    prompts = P.render(study, lm.tokenizer)
-    requests, skeleton = build_requests(study, lm, prompts)
-    by_id = {p.prompt_id: p for p in prompts}
-    contexts = []
-    for pid, cont in zip(skeleton["prompt_id"], skeleton["continuation"], strict=True):
-        text = by_id[pid].text
-        moved = len(text) - len(text.rstrip())
-        assert cont.startswith(text[len(text) - moved :])
-        contexts.append(text[: len(text) - moved])
-    return Workload(study, prompts, requests, skeleton, contexts)
-
-
-def sub_study(study_raw: dict[str, Any], n_personas: int) -> Study:
-    raw = {**study_raw, "design": {**study_raw["design"], "n": n_personas}}
-    return parse_study(raw, "<bench>")
 
 
 def run_naive(lm: LoadedModel, w: Workload) -> np.ndarray:
@@ -540,148 +209,6 @@ def run_workbench(
     return keyed.loc[order].to_numpy(dtype=np.float64)
 
 
-# --------------------------------------------------------------------------------------------
-# each row checks that it ran the path it names
-
-
-@dataclass(frozen=True)
-class PathPlan:
-    """What each method's path must feed and unembed for a workload (from the requests alone)."""
-
-    prompts: int
-    pairs: int
-    """(prompt, option) requests: the naive loop's forwards."""
-    req_tokens: int
-    """Context + continuation tokens of every pair: the naive loop's positions."""
-    contexts: int
-    """Context tokens of every prompt once: the least any path without prefix sharing feeds."""
-    packed_reads: int
-    """Distinct read positions of the option token trees (the answer position and one per
-    interior tree node): the packed path's unembedded rows."""
-    row_reads: int
-    """One read per continuation token (one per prompt under next_token): the row path's."""
-    multi_token: bool
-    """Some continuation has 2+ tokens: only then do packed and row scoring differ."""
-
-
-def path_plan(w: Workload) -> PathPlan:
-    packed = rows = 0
-    for r in w.requests:
-        packed += len({tuple(c[:j]) for c in r.continuations for j in range(len(c))})
-        rows += 1 if all(len(c) == 1 for c in r.continuations) else sum(map(len, r.continuations))
-    return PathPlan(
-        prompts=len(w.requests),
-        pairs=len(w.skeleton),
-        req_tokens=w.req_tokens,
-        contexts=sum(len(r.context) for r in w.requests),
-        packed_reads=packed,
-        row_reads=rows,
-        multi_token=any(len(c) > 1 for r in w.requests for c in r.continuations),
-    )
-
-
-def path_checks(plan: PathPlan, counts: dict[str, Counter]) -> dict[str, str]:
-    """Per method: "ok: ..." or "FAIL: ...", from the positions fed and rows unembedded that
-    the hooks counted. A method that silently took another path fails here."""
-    out: dict[str, str] = {}
-
-    def check(name: str, ok: bool, what: str) -> None:
-        out[name] = ("ok: " if ok else "FAIL: ") + what
-
-    # A request's token tree has one token per read but the answer position.
-    unshared = plan.contexts + plan.packed_reads - plan.prompts
-    for name, c in counts.items():
-        if name == "naive":
-            check(
-                name,
-                c.forwards == plan.pairs and c.positions == plan.req_tokens,
-                f"{c.forwards} forwards / {plan.pairs} pairs, {c.positions} positions / "
-                f"{plan.req_tokens} context+continuation tokens (one unbatched forward per pair)",
-            )
-        elif name == "lm-eval":
-            check(
-                name,
-                c.head_rows == c.positions >= plan.contexts,
-                f"{c.positions} positions >= {plan.contexts} context tokens (no prefix "
-                f"sharing), logits at all {c.head_rows} of them",
-            )
-        elif name == "workbench":
-            check(
-                name,
-                c.head_rows == plan.packed_reads and c.positions < unshared,
-                f"{c.head_rows} rows unembedded = {plan.packed_reads} packed reads, "
-                f"{c.positions} positions < {unshared} without prefix sharing",
-            )
-        elif name == "workbench-rows":
-            packed = counts.get("workbench")
-            fewer = packed is None or packed.positions < c.positions
-            check(
-                name,
-                plan.multi_token and c.head_rows == plan.row_reads and fewer,
-                f"{c.head_rows} rows unembedded = {plan.row_reads} continuation tokens, "
-                f"{c.positions} positions"
-                + (f" > {packed.positions} packed" if packed is not None else ""),
-            )
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# timing and the report
-
-
-@dataclass
-class MethodResult:
-    name: str
-    times: list[float] = field(default_factory=list)
-    logprobs: np.ndarray | None = None
-    count: Counter = field(default_factory=Counter)
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-
-@dataclass
-class BenchReport:
-    args: argparse.Namespace
-    results: dict[str, MethodResult]
-    n_prompts: int
-    n_requests: int
-    req_tokens: int
-    study_stats: dict[str, float]
-    model_stats: dict[str, Any]
-    max_delta: dict[str, float]
-    load_avg: tuple[float, float] = (0.0, 0.0)
-    """1-minute load average before and after the timed runs (other processes skew CPU timings)."""
-    markdown: str = ""
-    cell: tuple[str, str, int] = ("long", "sequence", 5)
-    """The workload: (persona prefix, scoring, options)."""
-    paths: dict[str, str] = field(default_factory=dict)
-    """Per method: "ok: ..." or "FAIL: ..." (`path_checks`)."""
-
-    @property
-    def exact(self) -> bool:
-        """Max |delta| under the tolerance for every method pair (asserted only in float32)."""
-        return all(v < TOLERANCE for v in self.max_delta.values())
-
-    @property
-    def paths_ok(self) -> bool:
-        return all(v.startswith("ok") for v in self.paths.values())
-
-    def ratio(self, name: str = "workbench") -> float:
-        """Speed of `name` against lm-eval (best times)."""
-        return self.results["lm-eval"].best / self.results[name].best
-
-    def median_ratio(self, name: str = "workbench") -> float:
-        """The same from median times: less lucky than the best on a loaded machine."""
-        return float(np.median(self.results["lm-eval"].times) / np.median(self.results[name].times))
-
-    def per_position(self, name: str = "workbench") -> float:
-        """Positions fed per second by `name` against lm-eval's."""
-        a, b = self.results[name], self.results["lm-eval"]
-        return (a.count.positions / a.best) / (b.count.positions / b.best)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -708,270 +235,6 @@ def timed(
         pstats.Stats(prof, stream=buf2).sort_stats("tottime").print_stats(25)
         text = buf.getvalue() + buf2.getvalue()
     return elapsed, out, text
-
-
-def study_stats(w: Workload) -> dict[str, float]:
-    groups: dict[str, list[Request]] = {}
-    for r in w.requests:
-        groups.setdefault(r.group, []).append(r)
-    prefix = []
-    for reqs in groups.values():
-        seqs = [r.context for r in reqs]
-        n = min(map(len, seqs))
-        k = next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
-        prefix.append(k)
-    ctx = [len(r.context) for r in w.requests]
-    conts = [len(c) for r in w.requests for c in r.continuations]
-    return {
-        "personas": len(groups),
-        "context_tokens": float(np.mean(ctx)),
-        "persona_prefix_tokens": float(np.mean(prefix)),
-        "min_persona_prefix_tokens": float(np.min(prefix)),
-        "question_suffix_tokens": float(np.mean(ctx) - np.mean(prefix)),
-        "continuation_tokens": float(np.mean(conts)),
-    }
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "lm_eval", "workbench"):
-        try:
-            out[pkg] = metadata.version(pkg.replace("_", "-") if pkg == "lm_eval" else pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return rev + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine(device: torch.device) -> str:
-    text = f"{os.cpu_count()} CPU cores (nproc), {cpu_model()}, torch threads {torch.get_num_threads()}"
-    if device.type == "cuda":
-        text += f"; GPU {torch.cuda.get_device_name(device)}"
-    return text
-
-
-METHODS = ("naive", "lm-eval", "workbench-rows", "workbench")
-
-
-def render_table(report: BenchReport) -> list[list[str]]:
-    args = report.args
-    base = report.results["lm-eval"].best
-    body, head = report.model_stats["flop_params"]
-    header = [
-        "method",
-        "best s",
-        "prompts/s",
-        "req tok/s",
-        "fed tok/s",
-        "speed vs lm-eval",
-        "max |Δ logprob| vs lm-eval",
-    ]
-    cuda = args.device.startswith("cuda")
-    header += ["TFLOP/s", f"% of {args.peak_tflops:g} TFLOP/s"] if cuda else ["GFLOP/s"]
-    rows = [header]
-    for name in [m for m in METHODS if m in report.results]:
-        r = report.results[name]
-        t = r.best
-        flops = 2 * body * r.count.positions + 2 * head * r.count.head_rows
-        delta = report.max_delta.get(f"{name} vs lm-eval", 0.0)
-        row = [
-            name,
-            f"{t:.3f}",
-            f"{report.n_prompts / t:.1f}",
-            f"{report.req_tokens / t:,.0f}",
-            f"{r.count.positions / t:,.0f}",
-            f"{base / t:.2f}x",
-            "—" if name == "lm-eval" else f"{delta:.2e}",
-        ]
-        row += (
-            [f"{flops / t / 1e12:.1f}", f"{100 * flops / t / 1e12 / args.peak_tflops:.1f}%"]
-            if cuda
-            else [f"{flops / t / 1e9:.1f}"]
-        )
-        rows.append(row)
-    return rows
-
-
-def _header(reports: list[BenchReport], command: str, title: str) -> list[str]:
-    args = reports[0].args
-    return [
-        f"# {title}",
-        "",
-        f"- Command: `{command}`",
-        f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {machine(torch.device(args.device))}; 1-min load average {reports[0].load_avg[0]:.2f} before, "
-        f"{reports[-1].load_avg[1]:.2f} after",
-        "- Versions: "
-        + ", ".join(f"{k} {v}" for k, v in versions().items())
-        + f"; git {git_rev()}",
-        f"- Model: {reports[0].model_stats['describe']}",
-        f"- Settings: batch size {args.batch_size} (lm-eval and workbench), per workload a warm-up on the "
-        f"first persona, then best of {args.repeats} interleaved repeats",
-    ]
-
-
-def _cell_lines(report: BenchReport) -> list[str]:
-    args, st = report.args, report.study_stats
-    persona, scoring, n_options = report.cell
-    rows = render_table(report)
-    what = "option text" if scoring == "sequence" else "option label"
-    return [
-        f"- Study: {st['personas']:.0f} personas x {args.questions} questions x {n_options} options "
-        f"(`{scoring}` scoring of the {what}, {persona} persona prefix) = {report.n_prompts} prompts, "
-        f"{report.n_requests} (prompt, option) requests, {report.req_tokens:,} context+continuation tokens; "
-        f"mean context {st['context_tokens']:.1f} tokens (persona prefix {st['persona_prefix_tokens']:.1f}, "
-        f"min {st['min_persona_prefix_tokens']:.0f}; question suffix {st['question_suffix_tokens']:.1f}), "
-        f"continuation {st['continuation_tokens']:.2f} tokens",
-        "- Times in s: "
-        + "; ".join(
-            f"{n} " + " ".join(f"{t:.3f}" for t in r.times) for n, r in report.results.items()
-        ),
-        "- Exactness: max |Δ log-prob| "
-        + ", ".join(f"{k} {v:.2e}" for k, v in report.max_delta.items())
-        + f" (tolerance {TOLERANCE:g} in float32); token ids scored by lm-eval checked equal to "
-        "`prompts.input_ids` + `variants.token_ids`.",
-        "- Paths (counted with forward hooks): "
-        + "; ".join(f"{m} {v}" for m, v in report.paths.items()),
-        "",
-        "| " + " | ".join(rows[0]) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows[1:]),
-        "",
-    ]
-
-
-def _footnote(report: BenchReport) -> list[str]:
-    body, head = report.model_stats["flop_params"]
-    return [
-        "`req tok/s`: the study's context+continuation tokens per second (the same numerator for every method). "
-        "`fed tok/s`: positions actually run through the model per second, padding included (counted with a hook). "
-        "FLOPs = 2 x body parameters x positions fed + 2 x unembedding parameters x rows unembedded "
-        f"(body {body:,}, unembedding {head:,}; attention scores ignored). "
-        "naive: one plain HF forward of context+continuation per (prompt, option), float32 log_softmax. "
-        "lm-eval: `HFLM(pretrained=<the loaded model>, add_bos_token=True, softmax_dtype=float32).loglikelihood` "
-        "(its defaults otherwise; `add_bos_token` makes its encoding equal the workbench's, `softmax_dtype` is a "
-        "no-op for a float32 model). "
-        "workbench: `compute_distributions(study, lm, out_dir=None)` including rendering, tokenization and the summary tables "
-        "(persona prefix KV computed once per persona; each prompt's question suffix run once with all its options packed "
-        "as a token tree under a 4D attention mask). workbench-rows: the same with `DistributionConfig(pack_options=False)` "
-        "(one row per (prompt, option) after the shared persona prefix; run only where some option is 2+ tokens, "
-        "since with single-token options both are one path). "
-        "Paths: naive must run one forward per pair over exactly the context+continuation tokens; lm-eval at least every "
-        "context in full, with logits at every position; workbench logits only at the packed reads and fewer positions "
-        "than without prefix sharing; workbench-rows one read per continuation token and more positions than workbench. "
-        "A failed check exits with status 1.",
-        "",
-    ]
-
-
-def markdown(report: BenchReport, command: str) -> str:
-    title = "Distributions benchmark: workbench vs lm-evaluation-harness vs a naive loop"
-    return "\n".join([*_header([report], command, title), *_cell_lines(report), *_footnote(report)])
-
-
-def matrix_rows(reports: list[BenchReport]) -> list[list[str]]:
-    rows = [
-        [
-            "persona",
-            "scoring",
-            "options",
-            "prompts",
-            "lm-eval s",
-            "workbench s",
-            "speed vs lm-eval",
-            "(medians)",
-            "positions fed lm-eval / workbench",
-            "per position vs lm-eval",
-            "max |Δ logprob|",
-            "paths",
-        ]
-    ]
-    for r in reports:
-        lm_eval, wb = r.results["lm-eval"], r.results["workbench"]
-        rows.append(
-            [
-                r.cell[0],
-                r.cell[1],
-                str(r.cell[2]),
-                str(r.n_prompts),
-                f"{lm_eval.best:.3f}",
-                f"{wb.best:.3f}",
-                f"{r.ratio():.2f}x",
-                f"{r.median_ratio():.2f}x",
-                f"{lm_eval.count.positions:,} / {wb.count.positions:,}",
-                f"{r.per_position():.2f}x",
-                f"{r.max_delta['workbench vs lm-eval']:.1e}",
-                "ok" if r.paths_ok else "FAIL",
-            ]
-        )
-    return rows
-
-
-def markdown_matrix(reports: list[BenchReport], command: str) -> str:
-    title = "Distributions benchmark: workload matrix, workbench vs lm-evaluation-harness"
-    rows = matrix_rows(reports)
-    lo = min(reports, key=lambda r: r.ratio())
-    hi = max(reports, key=lambda r: r.ratio())
-    lines = [
-        *_header(reports, command, title),
-        f"- Range: workbench {lo.ratio():.1f}x lm-eval ({lo.cell[0]} persona, {lo.cell[1]}, {lo.cell[2]} options) "
-        f"to {hi.ratio():.1f}x ({hi.cell[0]} persona, {hi.cell[1]}, {hi.cell[2]} options); per position fed "
-        f"{min(r.per_position() for r in reports):.2f}x to {max(r.per_position() for r in reports):.2f}x; "
-        f"from median times {min(r.median_ratio() for r in reports):.1f}x to "
-        f"{max(r.median_ratio() for r in reports):.1f}x",
-        "",
-        "| " + " | ".join(rows[0]) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(rows[0]))) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows[1:]),
-        "",
-        "`speed vs lm-eval`: lm-eval's best time / the workbench's (the whole call: rendering, tokenization, "
-        "scoring, tables); `(medians)`: the same from the median times. `per position`: positions fed per second, workbench / lm-eval (what the speed would be "
-        "at equal positions fed). Every cell's full table follows.",
-        "",
-    ]
-    for r in reports:
-        lines += [f"## {r.cell[0]} persona, {r.cell[1]}, {r.cell[2]} options", "", *_cell_lines(r)]
-    return "\n".join([*lines, *_footnote(reports[0])])
-
-
-def print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for k, r in enumerate(rows):
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1234,11 +497,6 @@ def run_cell(
     for m, verdict in report.paths.items():
         print(f"path {m}: {verdict}")
     return report
-
-
-def max_abs(a: np.ndarray | None, b: np.ndarray | None) -> float:
-    assert a is not None and b is not None and a.shape == b.shape
-    return float(np.max(np.abs(a - b)))
 
 
 if __name__ == "__main__":

@@ -8,16 +8,17 @@ Measurement contract (docs/MEASUREMENT.md §2), as implemented here:
 - `sequence`: log P(continuation | context) = sum of its tokens' log-probs; continuation
   tokens come from the joint encoding of context + continuation (`prompts.continuation_ids`).
 - Speed without changing numbers: prompts that share a token prefix (a persona) run the prefix
-  once and reuse its KV cache; rows are right-padded (real tokens keep positions 0..n-1, pads
+  once and reuse its KV cache; rows are right-padded (real tokens keep their positions, pads
   come after them and causal attention never sees them), sorted by length into batches, and
   logits are computed only at the positions that are read. Tests check all of this against
   an unbatched plain HF forward.
 - Options packed in one row (`EngineConfig.pack_options`, sdpa/eager attention): a request's
-  context suffix runs once, followed by a prefix tree (trie) of its continuations' tokens
-  (all but each continuation's last token; continuations sharing leading tokens share
-  nodes). A 4D attention mask lets each tree token see the persona prefix, the whole
-  context suffix and its own ancestors only, with the position ids it would have in a plain
-  forward of context + continuation, so every read log-prob is the one that forward gives.
+  context suffix runs once, followed by a prefix tree (trie) of its continuations' tokens,
+  under a 4D attention mask with the position ids of a plain forward of context +
+  continuation. Rows of several personas share a forward, each reading its own persona's KV
+  cache, and all persona prefixes of a pass run in one padded forward
+  (`workbench.engine.packing` states the layout and why each read log-prob is the one a
+  plain forward gives).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
+
+from workbench.engine.packing import PackedRow, pack_request, packed_mask, run_prefixes
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,38 @@ def score_requests(
     groups: dict[str, list[Request]] = {}
     for r in requests:
         groups.setdefault(r.group, []).append(r)
+    mask_kind = _custom_mask_kind(model) if config.pack_options else None
+    if mask_kind is None:
+        for reqs in groups.values():
+            yield from _score_group(model, reqs, config, pad_id, device)
+            if on_done is not None:
+                on_done(len(reqs))
+        return
+    # Packed rows of several groups share forwards; a pass holds whole groups and about
+    # `_PASS_BATCHES` batches of rows, which bounds the prefix caches held at once.
+    passes: list[list[list[Request]]] = [[]]
     for reqs in groups.values():
-        yield from _score_group(model, reqs, config, pad_id, device)
+        if sum(map(len, passes[-1])) >= _PASS_BATCHES * config.batch_size:
+            passes.append([])
+        passes[-1].append(reqs)
+    for part in passes:
+        yield from _score_packed(model, part, config, pad_id, device, mask_kind)
         if on_done is not None:
-            on_done(len(reqs))
+            for reqs in part:
+                on_done(len(reqs))
+
+
+_PASS_BATCHES = 8
+
+
+def _prefix_length(reqs: Sequence[Request], config: EngineConfig) -> int:
+    """Tokens of the group's common prefix to run once (0: none worth sharing). The prefix
+    leaves >= 1 context token per request: its output is the answer position."""
+    if not config.share_prefix or len(reqs) < 2:
+        return 0
+    lcp = _common_prefix([r.context for r in reqs])
+    n = min(lcp, min(len(r.context) for r in reqs) - 1)
+    return n if n >= config.min_prefix_tokens else 0
 
 
 def _score_group(
@@ -163,25 +194,14 @@ def _score_group(
     pad_id: int,
     device: torch.device,
 ) -> Iterator[Scored]:
-    # The prefix must leave >= 1 context token per request: its output is the answer position.
-    n_prefix = 0
-    if config.share_prefix and len(reqs) > 1:
-        lcp = _common_prefix([r.context for r in reqs])
-        n_prefix = min(lcp, min(len(r.context) for r in reqs) - 1)
-        if n_prefix < config.min_prefix_tokens:
-            n_prefix = 0
+    """One row per (request, continuation) after the group's shared prefix (attention
+    kernels that take no custom 4D mask)."""
+    n_prefix = _prefix_length(reqs, config)
     prefix_cache = None
     if n_prefix:
         ids = torch.tensor([reqs[0].context[:n_prefix]], device=device)
         out = model.base_model(input_ids=ids, use_cache=True)
         prefix_cache = getattr(out, "cache", None) or out.past_key_values
-
-    mask_kind = _custom_mask_kind(model) if config.pack_options else None
-    if mask_kind is not None:
-        yield from _score_packed(
-            model, reqs, config, pad_id, device, n_prefix, prefix_cache, mask_kind
-        )
-        return
 
     # One row per (request, continuation) for sequence scoring; next_token needs one row.
     rows: list[tuple[int, int, list[int], list[int]]] = []
@@ -270,99 +290,60 @@ def _custom_mask_kind(model: PreTrainedModel) -> str | None:
     return None
 
 
-@dataclass
-class _PackedRow:
-    """One request's context suffix followed by the token tree of its continuations."""
-
-    ri: int
-    tokens: list[int]
-    positions: list[int]
-    """Position ids relative to the end of the shared prefix."""
-    parents: list[int]
-    """Per token: -1 for context-suffix tokens (plain causal), else the index of its parent."""
-    reads: list[int]
-    """Row indices whose next-token distribution is read (index 0: the answer position)."""
-    targets: list[list[tuple[int, int]]]
-    """Per continuation: (index into `reads`, token id) for each of its tokens."""
-
-
-def _pack_request(ri: int, suffix: list[int], continuations: Sequence[Sequence[int]]) -> _PackedRow:
-    n = len(suffix)
-    answer = n - 1
-    tokens = list(suffix)
-    positions = list(range(n))
-    parents = [-1] * n
-    reads = [answer]
-    read_of = {answer: 0}
-    node: dict[tuple[int, ...], int] = {(): answer}
-    targets = []
-    for cont in continuations:
-        tgt = []
-        for j, tok in enumerate(cont):
-            where = node[tuple(cont[:j])]
-            if where not in read_of:
-                read_of[where] = len(reads)
-                reads.append(where)
-            tgt.append((read_of[where], tok))
-            if j + 1 < len(cont) and tuple(cont[: j + 1]) not in node:
-                node[tuple(cont[: j + 1])] = len(tokens)
-                tokens.append(tok)
-                positions.append(answer + j + 1)
-                parents.append(where)
-        targets.append(tgt)
-    return _PackedRow(ri, tokens, positions, parents, reads, targets)
-
-
-def _packed_mask(rows: Sequence[_PackedRow], n_prefix: int, width: int) -> Tensor:
-    """[batch, 1, width, n_prefix + width] bool: what each row position may attend to."""
-    allowed = torch.zeros((len(rows), width, n_prefix + width), dtype=torch.bool)
-    for b, row in enumerate(rows):
-        n = len(row.tokens)
-        allowed[b, :n, :n_prefix] = True
-        own = allowed[b, :, n_prefix:]
-        n_ctx = sum(1 for p in row.parents if p == -1)
-        own[:n_ctx, :n_ctx] = torch.ones((n_ctx, n_ctx), dtype=torch.bool).tril_()
-        for i in range(n_ctx, n):
-            own[i] = own[row.parents[i]]
-            own[i, i] = True
-        # Pads see only themselves: no row is fully masked (which would give NaN), and no
-        # real token ever sees a pad.
-        idx = torch.arange(n, width)
-        own[idx, idx] = True
-    return allowed[:, None]
-
-
 def _score_packed(
     model: PreTrainedModel,
-    reqs: list[Request],
+    groups: list[list[Request]],
     config: EngineConfig,
     pad_id: int,
     device: torch.device,
-    n_prefix: int,
-    prefix_cache: DynamicCache | None,
     mask_kind: str,
 ) -> Iterator[Scored]:
-    rows = [
-        _pack_request(ri, list(r.context[n_prefix:]), r.continuations) for ri, r in enumerate(reqs)
-    ]
-    rows.sort(key=lambda row: len(row.tokens), reverse=True)
+    """Every request of `groups` as one packed row; rows of different groups share forwards,
+    each reading its own group's prefix cache (`workbench.engine.packing`)."""
+    reqs = [r for g in groups for r in g]
+    prefix_lengths = [_prefix_length(g, config) for g in groups]
+    prefixes = run_prefixes(
+        model,
+        [g[0].context[:n] for g, n in zip(groups, prefix_lengths, strict=True)],
+        config.batch_size,
+        pad_id,
+    )
+    rows: list[PackedRow] = []
+    for gi, (g, n) in enumerate(zip(groups, prefix_lengths, strict=True)):
+        for r in g:
+            rows.append(pack_request(len(rows), gi, r.context[n:], r.continuations))
+    # longest first (least padding); rows of a group stay together among equal lengths
+    rows.sort(key=lambda row: (-len(row.tokens), row.prefix))
     dtype = next(model.parameters()).dtype
+    kwarg = _cache_kwarg(model)
     results: dict[int, Scored] = {}
     for start in range(0, len(rows), config.batch_size):
         batch = rows[start : start + config.batch_size]
         width = max(len(row.tokens) for row in batch)
+        lengths = [prefix_lengths[row.prefix] for row in batch]
+        n_prefix = max(lengths)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        positions = torch.arange(n_prefix, n_prefix + width).repeat(len(batch), 1)
+        positions = torch.arange(width).repeat(len(batch), 1)
         for i, row in enumerate(batch):
             ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
-            positions[i, : len(row.tokens)] = torch.tensor(row.positions) + n_prefix
-        allowed = _packed_mask(batch, n_prefix, width).to(device)
+            positions[i, : len(row.tokens)] = torch.tensor(row.positions)
+            positions[i] += lengths[i]
+        allowed = packed_mask(batch, lengths, width).to(device)
         if mask_kind == "bool":
             mask = allowed
         else:
             mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        hidden = _forward_hidden(model, ids, mask, positions, prefix_cache)
+        cache = None
+        if prefixes is not None and n_prefix:
+            cache = prefixes.cache(model, [row.prefix for row in batch], n_prefix)
+        hidden = model.base_model(
+            input_ids=ids.to(device),
+            attention_mask=mask,
+            position_ids=positions.to(device),
+            use_cache=cache is not None,
+            **{kwarg: cache},
+        ).last_hidden_state
         row_idx = torch.tensor([i for i, row in enumerate(batch) for _ in row.reads], device=device)
         pos_idx = torch.tensor([p for row in batch for p in row.reads], device=device)
         logprobs = torch.log_softmax(_logits(model, hidden[row_idx, pos_idx]), dim=-1)
