@@ -99,9 +99,9 @@ def test_logistic_folds_match_converged_sklearn(n_classes: int) -> None:
 
 
 def _count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """Evaluations per (layer, problem) of every `_batched_lbfgs` call from now on."""
+    """Evaluations per (layer, problem) of every `batched_lbfgs` call from now on."""
     counts: list[torch.Tensor] = []
-    inner = fit_module._batched_lbfgs
+    inner = fit_module.batched_lbfgs
 
     def counting(
         value_and_grad: Callable[[torch.Tensor, torch.Tensor], Any],
@@ -121,7 +121,7 @@ def _count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
 
         return inner(wrapped, theta, active, max_iter, tol, history)
 
-    monkeypatch.setattr(fit_module, "_batched_lbfgs", counting)
+    monkeypatch.setattr(fit_module, "batched_lbfgs", counting)
     return counts
 
 
@@ -173,3 +173,63 @@ def test_benchmark_probe_rows(bench: ModuleType) -> None:
     text = "\n".join(rows)
     assert "same tol 0.0001" in text and "same tol 1e-6" in text and "acc " in text
     assert "not run" in text
+
+
+def _objective(X: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
+    """scikit-learn's multinomial objective (mean NLL + |W_std|² / (2 C n), C = 1) of raw
+    weights [d, k], bias [k], in float64."""
+    X = X.astype(np.float64)
+    z = X @ weight + bias
+    z -= z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    scale = StandardScaler().fit(X).scale_
+    penalty = ((weight * scale[:, None]) ** 2).sum() / (2 * len(y))
+    return float(-logp[np.arange(len(y)), y].mean() + penalty)
+
+
+def test_default_reaches_the_objective_sklearn_reaches() -> None:
+    """The default tolerance is not looser than scikit-learn's default in what matters: the
+    objective gap to a tight reference is no larger, and small in absolute terms."""
+    X, y, _ = _classes(7, 4, L=2)
+    fit = fit_logistic(X, torch.tensor(y)[None], torch.ones(1, 1, len(y), dtype=torch.bool), [4])
+    for layer in range(2):
+        gaps = {}
+        for tol in (1e-4, 1e-10):
+            pipe = make_pipeline(StandardScaler(), LogisticRegression(tol=tol, max_iter=20000))
+            pipe.fit(X[layer].numpy(), y)
+            W = pipe[-1].coef_.T / pipe[0].scale_[:, None]
+            gaps[tol] = _objective(X[layer].numpy(), y, W, pipe[-1].intercept_ - pipe[0].mean_ @ W)
+        ours = _objective(
+            X[layer].numpy(), y, fit.weight[0, 0, layer].double().numpy(),
+            fit.bias[0, 0, layer].double().numpy(),
+        )  # fmt: skip
+        assert ours - gaps[1e-10] <= max(gaps[1e-4] - gaps[1e-10], 0.0) + 1e-6
+        assert ours - gaps[1e-10] <= 1e-5
+
+
+def test_a_stall_restarts_once_then_stops() -> None:
+    """A failed line search (here: the loss overflows for 30 evaluations, as float32 logits
+    can) makes a problem forget its curvature pairs and go on from steepest descent, so it
+    still converges; a problem that stalls again right after a restart stops; neither holds
+    up its neighbours in the batch."""
+    scale = torch.tensor([1.0, 100.0], dtype=torch.float64)
+    evals = torch.zeros(3, dtype=torch.long)
+
+    def value_and_grad(
+        theta: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        evals[rows] += 1
+        f = 0.5 * (scale * theta * theta).sum(-1)
+        overflow = (rows == 0) & (evals[rows] >= 5) & (evals[rows] < 35)
+        f = torch.where(overflow, torch.inf, f)
+        f = torch.where(rows == 2, torch.round(f), f)  # problem 2: no visible decrease below 1
+        g = scale * theta
+        return f, g, g.abs().amax(-1)
+
+    theta = torch.ones(3, 2, dtype=torch.float64)
+    active = torch.ones(3, dtype=torch.bool)
+    out = fit_module.batched_lbfgs(value_and_grad, theta, active, 200, 1e-3)
+    measure = (scale * out).abs().amax(-1)
+    assert int(evals[0]) > 35 and float(measure[0]) < 1e-3  # restarted, then converged
+    assert float(measure[1]) < 1e-3 and int(evals[1]) < 40  # unaffected
+    assert float(measure[2]) >= 1e-3 and int(evals[2]) < 200  # stalled twice: stopped

@@ -13,7 +13,7 @@ Features are standardized per problem with its own training rows (population var
 constant feature gets scale 1, as `StandardScaler`); the returned weights are mapped back to
 raw activation coordinates, so a probe's score is `x @ weight + bias` on stored vectors.
 
-Logistic problems are independent; `_batched_lbfgs` runs L-BFGS on all of them at once,
+Logistic problems are independent; `lbfgs.batched_lbfgs` runs L-BFGS on all of them at once,
 each with its own history, line search and stopping test, and drops a problem from the batch
 as soon as it converges (finished problems cost nothing). Each objective is sklearn's divided
 by C * n_train (same minimizer), with the gradient written out by hand. Per layer the work is
@@ -43,7 +43,7 @@ fold, so a probe is always scored on groups it never saw. Controls (docs/MEASURE
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +54,7 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
+from workbench.interp.lbfgs import HISTORY, batched_lbfgs
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,8 @@ def _fit_logistic_group(
     c_eff = torch.where(present.sum(-1) == 2, c_eff / 2, c_eff)
     weight = torch.zeros(T * F, L, d, k, dtype=X.dtype, device=X.device)
     bias = torch.zeros(T * F, L, k, dtype=X.dtype, device=X.device)
-    # L-BFGS keeps ~2 x history copies of the parameters; logits are [problem, layer, k, n].
-    per_layer = 4 * T * F * (d * k * 25 + 4 * n * k) + 12 * n * d
+    # L-BFGS keeps 2 x HISTORY copies of the parameters; logits are [problem, layer, k, n].
+    per_layer = 4 * T * F * ((d + 1) * k * (2 * HISTORY + 6) + 4 * n * k) + 12 * n * d
     for chunk in _layer_chunks(L, per_layer, memory_gb):
         Xc = X[chunk] - gm[chunk]
         cnt, mu, sd = _moments(Xc, w)
@@ -259,7 +260,7 @@ def _lbfgs_logistic(
     """Minimize, per (problem, layer), mean NLL + ||W||^2 / (2 C n_train) in standardized
     coordinates; returns W [problem, layer, d, k] and b [problem, layer, k].
 
-    The flat problem index is layer * M + problem, so the rows `_batched_lbfgs` passes (kept
+    The flat problem index is layer * M + problem, so the rows `batched_lbfgs` passes (kept
     in ascending order) come grouped by layer and each layer is one contiguous slice.
     Parameters are stored class-major ([k, d] per problem) so both matrix products put the
     long axis last: logits [problems x k, n] = V [problems x k, d] @ Xc^T [d, n] and the
@@ -313,7 +314,7 @@ def _lbfgs_logistic(
         grad = torch.cat([g_w.reshape(K, -1), g_b], dim=1)
         return loss, grad, grad.abs().amax(-1)
 
-    theta = _batched_lbfgs(
+    theta = batched_lbfgs(
         value_and_grad,
         torch.zeros(L * M, (d + 1) * k, dtype=dt, device=dev) if theta0 is None else theta0,
         (w.sum(-1) > 0).repeat(L),
@@ -322,84 +323,6 @@ def _lbfgs_logistic(
     )
     W = theta[:, : k * d].view(L, M, k, d).permute(1, 0, 3, 2)
     return W, theta[:, k * d :].view(L, M, k).transpose(0, 1)
-
-
-def _batched_lbfgs(
-    value_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
-    theta: Tensor,
-    active: Tensor,
-    max_iter: int,
-    tol: float,
-    history: int = 10,
-) -> Tensor:
-    """L-BFGS on many independent problems at once.
-
-    Every problem (row of `theta` [B, P]) keeps its own curvature history, step length
-    (backtracking Armijo line search) and stopping test (max |gradient| < tol, as scipy's
-    `pgtol`, or a relative loss change below 1e-9), and leaves the batch as soon as it
-    stops: the work is the sum of the problems' iterations, not the slowest one's times B.
-    `value_and_grad(theta_rows, rows)` returns the losses [k], gradients [k, P] and the
-    stopping measure [k] (max |gradient| in the problem's own coordinates) of problems
-    `rows` [k].
-    """
-    out = theta.clone()
-    rows = torch.nonzero(active).squeeze(1)
-    x = theta[rows]
-    f, g, measure = value_and_grad(x, rows)
-    hist: list[tuple[Tensor, Tensor, Tensor]] = []
-    keep = measure >= tol
-    for _ in range(max_iter):
-        if not bool(keep.all()):
-            rows, x, f, g, measure = rows[keep], x[keep], f[keep], g[keep], measure[keep]
-            hist = [(s[keep], y[keep], rho[keep]) for s, y, rho in hist]
-        if len(rows) == 0:
-            break
-        # Two-loop recursion, updated in place: on CPU this loop's cost is memory traffic.
-        q = g.clone()
-        alphas = []
-        for s, y, rho in reversed(hist):
-            a = rho * (s * q).sum(-1)
-            q.addcmul_(a[:, None], y, value=-1.0)
-            alphas.append(a)
-        if hist:
-            s, y, _ = hist[-1]
-            yy = (y * y).sum(-1)
-            gamma = torch.where(yy > 0, (s * y).sum(-1) / yy.clamp_min(1e-30), 1.0)
-        else:
-            gamma = 1.0 / g.abs().sum(-1).clamp_min(1.0)
-        r = q.mul_(gamma[:, None])
-        for (s, y, rho), a in zip(hist, reversed(alphas), strict=True):
-            r.addcmul_((a - rho * (y * r).sum(-1))[:, None], s)
-        direction = r.neg_()
-        uphill = (g * direction).sum(-1) >= 0  # lost curvature: steepest descent instead
-        direction[uphill] = -g[uphill] * gamma[uphill, None]
-        slope = (g * direction).sum(-1)
-        step = torch.ones(len(rows), dtype=x.dtype, device=x.device)
-        accepted = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
-        new_x, new_f, new_g, new_m = x.clone(), f.clone(), g.clone(), measure.clone()
-        for _ls in range(30):
-            pending = torch.nonzero(~accepted).squeeze(1)
-            trial = x[pending] + step[pending, None] * direction[pending]
-            tf, tg, tm = value_and_grad(trial, rows[pending])
-            ok = tf <= f[pending] + 1e-4 * step[pending] * slope[pending]
-            done = pending[ok]
-            new_x[done], new_f[done], new_g[done] = trial[ok], tf[ok], tg[ok]
-            new_m[done] = tm[ok]
-            accepted[done] = True
-            if bool(accepted.all()):
-                break
-            step[pending[~ok]] *= 0.5
-        s, y = new_x - x, new_g - g
-        sy = (s * y).sum(-1)
-        hist.append((s, y, torch.where(sy > 1e-10, 1.0 / sy.clamp_min(1e-10), 0.0)))
-        if len(hist) > history:
-            hist.pop(0)
-        still = (f - new_f).abs() > 1e-9 * f.abs().clamp_min(1.0)
-        x, f, g, measure = new_x, new_f, new_g, new_m
-        out[rows] = x
-        # A failed line search means no decrease at float32 resolution: that problem is done.
-        keep = accepted & still & (measure >= tol)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
