@@ -1,7 +1,9 @@
 """The vectorized table building (`summarize`, `build_requests`, batched tokenization) gives
 what a plain per-prompt loop gives: token ids, labels, log-probs and argmaxes bit for bit;
 sums over options (renormalization, masses, expected score) to the last bit or two, since
-pandas' grouped sums and a plain sum may add in different orders."""
+pandas' grouped sums and a plain sum may add in different orders. The cross-prompt tables
+(`order_adjusted`, `position_bias`, the option-mass warnings) give what their plain pandas
+formulation (merge, multi-key groupby) gives, bit for bit."""
 
 from __future__ import annotations
 
@@ -17,7 +19,15 @@ from test_distributions import STUDY  # the same study as the exactness tests
 
 from workbench.engine.models import LoadedModel, load_model
 from workbench.engine.scoring import EngineConfig, Request, score_requests
-from workbench.measure.distributions import build_requests, summarize
+from workbench.measure.distributions import (
+    DistributionConfig,
+    build_requests,
+    compute_distributions,
+    option_mass_warnings,
+    order_adjusted,
+    position_bias,
+    summarize,
+)
 from workbench.study import prompts as P
 from workbench.study.load import parse_study
 
@@ -139,3 +149,90 @@ def _same(frame: pd.DataFrame, ref: pd.DataFrame) -> None:
             np.testing.assert_array_equal(a, b.astype(float), err_msg=col)
         else:
             assert [list(x) if isinstance(x, list) else x for x in a] == list(b), col
+
+
+def _pandas_order_adjusted(
+    prompts: pd.DataFrame, distributions: pd.DataFrame, factor_names: list[str]
+) -> pd.DataFrame:
+    keys = ["persona_id", "question_id", *factor_names]
+    merged = distributions.merge(prompts[["prompt_id", *keys]], on="prompt_id")
+    merged = merged[~merged["is_refusal"]]
+    grouped = merged.groupby([*keys, "option_id"], dropna=False, sort=True)
+    return grouped.agg(
+        prob=("prob", "mean"), prob_sd=("prob", "std"), n_orders=("prob", "size")
+    ).reset_index()
+
+
+def _pandas_position_bias(prompts: pd.DataFrame, distributions: pd.DataFrame) -> pd.DataFrame:
+    merged = distributions[~distributions["is_refusal"]].merge(
+        prompts[["prompt_id", "question_id"]], on="prompt_id"
+    )
+    k = merged.groupby("prompt_id")["option_id"].transform("size")
+    merged = merged.assign(uniform=1.0 / k)
+    out = merged.groupby(["question_id", "position"], sort=True).agg(
+        mean_prob=("prob", "mean"), uniform=("uniform", "first"), n_prompts=("prob", "size")
+    )
+    out["bias"] = out["mean_prob"] - out["uniform"]
+    return out.reset_index()
+
+
+def _pandas_warnings(
+    prompts: pd.DataFrame, stats: pd.DataFrame
+) -> list[tuple[str, float, list[str]]]:
+    """(question, mean option mass, the five most frequent top tokens) per question."""
+    frame = prompts[["prompt_id", "question_id"]].merge(
+        stats[["prompt_id", "option_mass", "top_tokens"]], on="prompt_id"
+    )
+    out = []
+    for qid, grp in frame.groupby("question_id", sort=True):
+        firsts = pd.Series([t[0] for t in grp["top_tokens"] if len(t)]).value_counts()
+        out.append((str(qid), float(grp["option_mass"].mean()), [str(t) for t in firsts.index[:5]]))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("scoring", "orders"),
+    [
+        ({"method": "next_token", "aggregate": "sum"}, {"kind": "cyclic"}),
+        ({"method": "sequence", "target": "text", "variants": [" {}", "{}"]}, {"kind": "all"}),
+        ({"method": "sequence", "target": "text", "variants": [" {}"]}, {"kind": "canonical"}),
+    ],
+)
+def test_cross_prompt_tables_equal_the_pandas_formulation(
+    llama: LoadedModel, scoring: dict[str, Any], orders: dict[str, Any]
+) -> None:
+    raw = copy.deepcopy(STUDY)  # a coarse persona (NA factor values), a refusal option
+    raw["scoring"], raw["orders"] = scoring, orders
+    study = parse_study(raw, "test.yaml")
+    config = DistributionConfig(progress=False, min_option_mass=1.0, chunk_prompts=3)
+    res = compute_distributions(study, llama, None, config)
+    factors = [f.name for f in study.factors]
+    # as computed, then as a reader might hand them over: rows shuffled, a prompt missing
+    # from `prompts` (an inner merge drops its rows), and empty
+    shuffled = res.distributions.sample(frac=1.0, random_state=0)
+    cases = [
+        (res.prompts, res.distributions),
+        (res.prompts.sample(frac=1.0, random_state=1).iloc[1:], shuffled),
+        (res.prompts, res.distributions.iloc[:0]),
+    ]
+    for prompts, dist in cases:
+        pd.testing.assert_frame_equal(
+            order_adjusted(prompts, dist, factors),
+            _pandas_order_adjusted(prompts, dist, factors),
+            check_exact=True,
+        )
+        pd.testing.assert_frame_equal(
+            position_bias(prompts, dist), _pandas_position_bias(prompts, dist), check_exact=True
+        )
+    assert res.adjusted["age"].isna().any()
+    assert (res.adjusted["n_orders"].max() > 1) == (orders["kind"] != "canonical")
+
+    for prompts in (res.prompts, res.prompts.sample(frac=1.0, random_state=2).iloc[2:]):
+        got = option_mass_warnings(prompts, res.prompt_stats, 1.0)
+        ref = _pandas_warnings(prompts, res.prompt_stats)
+        assert [(w["question_id"], w["top_tokens"]) for w in got] == [(q, t) for q, _, t in ref]
+        assert [w["mean_option_mass"] for w in got] == [round(m, 4) for _, m, _ in ref]
+        assert got and all(
+            f"{m:.3f}" in w["message"] for w, (_, m, _) in zip(got, ref, strict=True)
+        )
+    assert option_mass_warnings(res.prompts, res.prompt_stats, 0.0) == []

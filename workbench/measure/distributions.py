@@ -16,14 +16,12 @@ context, summed over the continuation's tokens.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +29,12 @@ from tqdm.auto import tqdm
 from workbench import distributed
 from workbench.engine.models import LoadedModel
 from workbench.engine.scoring import EngineConfig, Request, Scored, score_requests
+from workbench.measure.distribution_tables import (
+    option_mass_warnings,
+    order_adjusted,
+    position_bias,
+    summarize,
+)
 from workbench.runs import FULL_VOCAB, MANIFEST, RunFolder, announce_resume, retry_on_oom
 from workbench.study import prompts as P
 from workbench.study.spec import Study
@@ -121,132 +125,6 @@ def build_requests(
         }
     )
     return requests, skeleton
-
-
-def summarize(
-    study: Study,
-    lm: LoadedModel,
-    scored: list[Scored],
-    skeleton: pd.DataFrame,
-    question_of: dict[int, str],
-) -> dict[str, pd.DataFrame]:
-    """Turn a chunk's raw scores into its `variants`, `distributions` and `prompt_stats` rows.
-
-    Vectorized over the chunk: per-prompt pandas work would dominate a tiny model's run time.
-    """
-    scored = sorted(scored, key=lambda s: s.key)
-    keys = [s.key for s in scored]
-    by_key = {s.key: s for s in scored}
-    # The skeleton lists a prompt's continuations in the order they were requested.
-    lp_col = np.concatenate(
-        [
-            np.asarray(by_key[k].continuation_logprobs, dtype=np.float64)
-            for k in skeleton.loc[skeleton["prompt_id"].isin(keys), "prompt_id"].unique()
-        ]
-    )
-    var = skeleton[skeleton["prompt_id"].isin(keys)].copy()
-    var["logprob"] = lp_col
-    var = var.sort_values(["prompt_id", "option_id", "variant"], kind="stable").reset_index(
-        drop=True
-    )
-
-    # Sorted by (prompt, option, variant) with every variant present: one option per
-    # `n_var` consecutive rows, so the per-option reductions are reshapes, not groupbys.
-    n_var = len(study.scoring.variants)
-    per_option = var["logprob"].to_numpy().reshape(-1, n_var)
-    if study.scoring.aggregate == "max":
-        agg = per_option.max(axis=1)
-    else:  # log-sum-exp over variants, i.e. summing their probabilities
-        agg = np.logaddexp.reduce(per_option, axis=1)
-    first = var.iloc[::n_var]
-    dist = pd.DataFrame(
-        {
-            "prompt_id": first["prompt_id"].to_numpy(),
-            "option_id": first["option_id"].to_numpy(),
-            "label": first["label"].to_numpy(),
-            "position": first["position"].to_numpy(),
-            "is_refusal": first["is_refusal"].to_numpy(),
-            "logprob": agg,
-        }
-    )
-    substantive = ~dist["is_refusal"].to_numpy()
-    lp = dist["logprob"].to_numpy()
-    shifted = np.where(substantive, lp, -np.inf)
-    pmax = pd.Series(shifted).groupby(dist["prompt_id"]).transform("max").to_numpy()
-    e = np.where(substantive, np.exp(shifted - pmax), 0.0)
-    denom = pd.Series(e).groupby(dist["prompt_id"]).transform("sum").to_numpy()
-    dist["prob"] = np.where(substantive, e / denom, np.nan)
-    dist = dist[["prompt_id", "option_id", "label", "position", "is_refusal", "logprob", "prob"]]
-
-    raw = np.exp(lp)
-    option_mass = pd.Series(raw).groupby(dist["prompt_id"]).sum()
-    refusal_mass = pd.Series(np.where(substantive, 0.0, raw)).groupby(dist["prompt_id"]).sum()
-    subs = dist[substantive]
-    modal = subs.loc[subs.groupby("prompt_id")["prob"].idxmax()].set_index("prompt_id")
-    values = {q.id: q.values for q in study.questions}
-    exp_score: dict[int, float] = {}
-    sub_pid = subs["prompt_id"].to_numpy()
-    sub_opt = subs["option_id"].to_numpy()
-    sub_prob = subs["prob"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, sub_pid[1:] != sub_pid[:-1]])
-    for a, b in zip(starts, [*starts[1:], len(sub_pid)], strict=True):
-        pid = int(sub_pid[a])
-        v = values[question_of[pid]]
-        if v is not None:
-            weights = np.asarray(v)[sub_opt[a:b]]
-            exp_score[pid] = float((sub_prob[a:b] * weights).sum())
-
-    answers = torch.stack([s.answer_logprobs for s in scored])
-    entropy_bits = (-(answers.exp() * answers).nan_to_num().sum(-1) / math.log(2)).tolist()
-    k = min(study.scoring.top_k, answers.shape[-1])
-    top = torch.topk(answers, k, dim=-1)
-    top_ids = top.indices.tolist()
-    # One decode per distinct token, not per (prompt, rank).
-    decoded = {i: lm.tokenizer.decode([i]) for i in {i for row in top_ids for i in row}}
-    stats = pd.DataFrame(
-        {
-            "prompt_id": keys,
-            "option_mass": option_mass.loc[keys].to_numpy(),
-            "refusal_mass": refusal_mass.loc[keys].to_numpy(),
-            "entropy_bits": entropy_bits,
-            "modal_option_id": modal.loc[keys, "option_id"].to_numpy().astype(int),
-            "modal_prob": modal.loc[keys, "prob"].to_numpy(),
-            "expected_score": [exp_score.get(k_) for k_ in keys],
-            "top_token_ids": top_ids,
-            "top_tokens": [[decoded[i] for i in row] for row in top_ids],
-            "top_probs": top.values.exp().tolist(),
-        }
-    )
-    stats["expected_score"] = stats["expected_score"].astype("float64")
-    return {"variants": var, "distributions": dist, "prompt_stats": stats}
-
-
-def order_adjusted(
-    prompts: pd.DataFrame, distributions: pd.DataFrame, factor_names: list[str]
-) -> pd.DataFrame:
-    """Average each option's probability over the option orders shown for the same item."""
-    keys = ["persona_id", "question_id", *factor_names]
-    merged = distributions.merge(prompts[["prompt_id", *keys]], on="prompt_id")
-    merged = merged[~merged["is_refusal"]]
-    grouped = merged.groupby([*keys, "option_id"], dropna=False, sort=True)
-    out = grouped.agg(
-        prob=("prob", "mean"), prob_sd=("prob", "std"), n_orders=("prob", "size")
-    ).reset_index()
-    return out
-
-
-def position_bias(prompts: pd.DataFrame, distributions: pd.DataFrame) -> pd.DataFrame:
-    """Mean probability at each displayed position, minus 1/K (position 0 is the A-bias)."""
-    merged = distributions[~distributions["is_refusal"]].merge(
-        prompts[["prompt_id", "question_id"]], on="prompt_id"
-    )
-    k = merged.groupby("prompt_id")["option_id"].transform("size")
-    merged = merged.assign(uniform=1.0 / k)
-    out = merged.groupby(["question_id", "position"], sort=True).agg(
-        mean_prob=("prob", "mean"), uniform=("uniform", "first"), n_prompts=("prob", "size")
-    )
-    out["bias"] = out["mean_prob"] - out["uniform"]
-    return out.reset_index()
 
 
 def compute_distributions(
@@ -415,40 +293,6 @@ def compute_distributions(
     elif full_vocab:
         result.manifest["full_vocab"] = _vocab_tensors(full_vocab)
     return result
-
-
-def option_mass_warnings(
-    prompts: pd.DataFrame, stats: pd.DataFrame, threshold: float
-) -> list[dict[str, Any]]:
-    """One warning per question whose mean option mass is below `threshold`, naming the
-    tokens the model wanted instead (its most frequent full-vocabulary top tokens)."""
-    if stats.empty:
-        return []
-    frame = prompts[["prompt_id", "question_id"]].merge(
-        stats[["prompt_id", "option_mass", "top_tokens"]], on="prompt_id"
-    )
-    out: list[dict[str, Any]] = []
-    for qid, grp in frame.groupby("question_id", sort=True):
-        mass = float(grp["option_mass"].mean())
-        if mass >= threshold:
-            continue
-        firsts = pd.Series([t[0] for t in grp["top_tokens"] if len(t)]).value_counts()
-        wanted = [str(t) for t in firsts.index[:5]]
-        out.append(
-            {
-                "question_id": str(qid),
-                "mean_option_mass": round(mass, 4),
-                "threshold": threshold,
-                "top_tokens": wanted,
-                "message": (
-                    f"question {qid!r}: mean option mass {mass:.3f} < {threshold} (the model "
-                    f"mostly wanted {', '.join(repr(t) for t in wanted)}); its distribution is "
-                    "conditional on an answer the model would rarely give: check the labels, "
-                    "the template's answer cue, or use a chat template / prefill"
-                ),
-            }
-        )
-    return out
 
 
 def _finished(path: Path) -> DistributionResult:
