@@ -21,9 +21,10 @@ two matrix products over all of that layer's problems, shaped long-axis-last
 ([problems x classes, d] @ [d, n] and [problems x classes, n] @ [n, d]; see `_lbfgs_logistic`
 for why the shape matters on CPU); everything else runs once for all layers. As sklearn, a
 problem is fitted on the classes present in its training rows, and two classes are one binary
-logistic (C halved for the two-column softmax, see `_fit_logistic_group`). Tasks with the
-same number of classes share a batch (no padded logits); `cross_validate` fits every row
-first and warm-starts each fold from that solution. Ridge is closed form (`fit_ridge`:
+logistic (C halved for the two-column softmax, see `_fit_logistic_group`). Tasks whose
+class counts are within 4/3 of each other share a batch (`_class_batches`); rows no problem
+of a batch is fitted on are left out of its products; `cross_validate` fits every row first
+and warm-starts each fold from that solution. Ridge is closed form (`fit_ridge`:
 batched Cholesky in float64 on the d x d or n x n normal equations, whichever is smaller;
 sklearn's `Ridge` to 1e-6). Memory is bounded by fitting layers in chunks (`memory_gb`).
 Everything runs on X's device.
@@ -189,14 +190,28 @@ def fit_logistic(
     weight = torch.zeros(T, F, L, d, c_max, dtype=X.dtype, device=X.device)
     bias = torch.full((T, F, L, c_max), float("-inf"), dtype=X.dtype, device=X.device)
     gm = X.mean(1, keepdim=True)
-    # Tasks with the same number of classes share one batch: no padded logits to compute.
-    for k in sorted(set(n_classes)):
-        sel = torch.tensor([t for t in range(T) if n_classes[t] == k], device=X.device)
+    for ks in _class_batches(n_classes):
+        k = max(ks)
+        sel = torch.tensor([t for t in range(T) if n_classes[t] in ks], device=X.device)
         start = None if init is None else (init.weight[sel, ..., :k], init.bias[sel, ..., :k])
         W, b = _fit_logistic_group(X, gm, y[sel], train[sel], k, C, max_iter, tol, memory_gb, start)
         weight[sel, :, :, :, :k] = W
         bias[sel, :, :, :k] = b
     return LinearFit(weight, bias)
+
+
+def _class_batches(n_classes: Sequence[int]) -> list[list[int]]:
+    """Class counts whose tasks share one batch, padded to the largest count (a class a
+    problem lacks gets logit -1e9: flops, no effect). Counts within 4/3 of each other go
+    together: one L-BFGS loop instead of one per count (each loop's slow tail is mostly
+    per-call overhead) and taller matrix products, for at most a third more logits."""
+    batches: list[list[int]] = []
+    for k in sorted(set(n_classes)):
+        if batches and 3 * k <= 4 * batches[-1][0]:
+            batches[-1].append(k)
+        else:
+            batches.append([k])
+    return batches
 
 
 def _fit_logistic_group(
@@ -217,6 +232,11 @@ def _fit_logistic_group(
     w = (train & (y[:, None, :] >= 0)).reshape(T * F, n).to(X.dtype)
     labels = y.clamp_min(0)[:, None, :].expand(T, F, n).reshape(T * F, n)
     present = (nnf.one_hot(labels, k).to(X.dtype) * w[..., None]).sum(1) > 0  # [problem, k]
+    # Rows no problem of the batch is fitted on (a label missing for every task here) would
+    # only multiply zero weights: leave them out of X.
+    used = torch.nonzero(w.sum(0) > 0).squeeze(1)
+    if len(used) < n:
+        w, labels, n = w[:, used], labels[:, used], len(used)
     # sklearn fits two classes as one binary logistic (one weight vector w, penalty |w|²/2);
     # the softmax over two columns is the same model with w = w1 - w2, and at its optimum
     # w1 = -w2, so its penalty (|w1|² + |w2|²)/2 = |w|²/4: halving C makes the two equal.
@@ -227,7 +247,7 @@ def _fit_logistic_group(
     # L-BFGS keeps 2 x HISTORY copies of the parameters; logits are [problem, layer, k, n].
     per_layer = 4 * T * F * ((d + 1) * k * (2 * HISTORY + 6) + 4 * n * k) + 12 * n * d
     for chunk in _layer_chunks(L, per_layer, memory_gb):
-        Xc = X[chunk] - gm[chunk]
+        Xc = (X[chunk] if len(used) == X.shape[1] else X[chunk][:, used]) - gm[chunk]
         cnt, mu, sd = _moments(Xc, w)
         theta0 = None
         if start is not None:  # raw -> standardized: W_std = W_raw sd, b_std = b + x0 W_raw

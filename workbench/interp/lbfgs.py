@@ -17,7 +17,12 @@ Tried and rejected (organism benchmark, CPU, one thread): 40 stored pairs instea
 net gain; the compact (Byrd-Nocedal-Schnabel) form of the same update, as batched products,
 streams as much; a fixed preconditioner from the features' correlation (eigenvalues 1e-6 to
 75 on one layer) does not model the curvature of nearly separable problems and made their
-tail slower.
+tail slower. Two ways to skip the ~40% of product work spent on rows of weight 0 (held-out
+folds, missing labels): one product per (layer, problem row set) with each set's rows of X
+copied was 20% slower overall (a [k, d] @ [d, n] GEMM with k = 3-4 rows runs at a third of
+the rate of the batched [problems x k, d] one); letting problems backtrack inside the next
+pass instead of in extra calls (same iterates per problem) cut the calls by a quarter but
+saved no time on these sizes.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ def batched_lbfgs(
     restarted = torch.zeros_like(keep)
     for _ in range(max_iter):
         if not bool(keep.all()):
+            out[rows[~keep]] = x[~keep]
             rows, x, f, g, measure = rows[keep], x[keep], f[keep], g[keep], measure[keep]
             restarted = restarted[keep]
             hist = [(s[keep], y[keep], rho[keep]) for s, y, rho in hist]
@@ -68,7 +74,7 @@ def batched_lbfgs(
         q = g.clone()
         alphas = []
         for s, y, rho in reversed(hist):
-            a = rho * (s * q).sum(-1)
+            a = rho * torch.linalg.vecdot(s, q)
             q.addcmul_(a[:, None], y, value=-1.0)
             alphas.append(a)
         if hist:
@@ -80,15 +86,21 @@ def batched_lbfgs(
             gamma = 1.0 / g.abs().sum(-1).clamp_min(1.0)
         r = q.mul_(gamma[:, None])
         for (s, y, rho), a in zip(hist, reversed(alphas), strict=True):
-            r.addcmul_((a - rho * (y * r).sum(-1))[:, None], s)
+            r.addcmul_((a - rho * torch.linalg.vecdot(y, r))[:, None], s)
         direction = r.neg_()
         uphill = (g * direction).sum(-1) >= 0  # lost curvature: steepest descent instead
         direction[uphill] = -g[uphill] * gamma[uphill, None]
         slope = (g * direction).sum(-1)
-        step = torch.ones(len(rows), dtype=x.dtype, device=x.device)
-        accepted = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
-        new_x, new_f, new_g, new_m = x.clone(), f.clone(), g.clone(), measure.clone()
-        for _ls in range(30):
+        # The unit step first, on every problem at once (no indexing: most take it); the
+        # backtracking below only runs for the ones that did not.
+        new_x = x + direction
+        new_f, new_g, new_m = value_and_grad(new_x, rows)
+        accepted = new_f <= f + 1e-4 * slope
+        step = torch.where(accepted, 1.0, 0.5).to(x.dtype)
+        if not bool(accepted.all()):
+            new_x[~accepted], new_f[~accepted] = x[~accepted], f[~accepted]
+            new_g[~accepted], new_m[~accepted] = g[~accepted], measure[~accepted]
+        for _ls in range(29 if not bool(accepted.all()) else 0):
             pending = torch.nonzero(~accepted).squeeze(1)
             trial = x[pending] + step[pending, None] * direction[pending]
             tf, tg, tm = value_and_grad(trial, rows[pending])
@@ -107,7 +119,6 @@ def batched_lbfgs(
             hist.pop(0)
         still = (f - new_f).abs() > 1e-9 * f.abs().clamp_min(1.0)
         x, f, g, measure = new_x, new_f, new_g, new_m
-        out[rows] = x
         # No decrease (a failed line search, or none at the dtype's resolution) with stale
         # curvature: forget the pairs and go on from a steepest-descent step. The same right
         # after such a restart: that problem is done.
@@ -118,4 +129,5 @@ def batched_lbfgs(
                 s[restart], y[restart], rho[restart] = 0.0, 0.0, 0.0
         restarted = restart
         keep = (accepted & still & (measure >= tol)) | restart
+    out[rows] = x
     return out
