@@ -131,7 +131,9 @@ def check_out_dir(
     starts, so this only moves the common mistakes earlier.
     """
     path = Path(path)
-    if overwrite or not path.exists():
+    # Under a launch only rank 0 looks: the others may arrive after rank 0 has started the
+    # folder (RunFolder checks it again for them once rank 0 is done).
+    if overwrite or not path.exists() or not distributed.launched().is_main:
         return
     if not path.is_dir():
         raise WorkbenchError(f"{path} is a file", fix="give --out a folder path")
