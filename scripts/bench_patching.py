@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     from workbench.engine.models import load_bridge, load_model
     from workbench.interp import patching as PT
+    from workbench.interp import readers as readers_mod
     from workbench.interp.pairs import factor_pairs
     from workbench.organism.build import build_organism
     from workbench.runs import git_hash, versions
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pairs = factor_pairs(study, prompts, "actor", questions=["rating"], max_pairs=args.pairs)
     spans = {pid: s for pid, ss in factor_spans(study, prompts, lm.tokenizer, ["actor"]).items()
              for s in ss}  # fmt: skip
-    readers = {i: PT._reader(study, lm, by_id[i]) for pr in pairs for i in (pr.clean, pr.corrupt)}
+    readers = {
+        i: readers_mod.reader(study, lm, by_id[i]) for pr in pairs for i in (pr.clean, pr.corrupt)
+    }
     bridged = load_model(folder / "model", dtype="float32", device="cpu")
     bridge = load_bridge(bridged)
     hook_calls = [0]
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def dist(logits: torch.Tensor, pid: int) -> torch.Tensor:
         lp = torch.log_softmax(logits[0, -1].float(), -1)[None]
-        return PT._distributions(lp, [readers[pid]], study.scoring.aggregate)[0]
+        return readers_mod.distributions(lp, [readers[pid]], study.scoring.aggregate)[0]
 
     @torch.inference_mode()
     def baseline() -> dict[tuple[int, str], tuple[float, float]]:

@@ -84,16 +84,9 @@ def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
     import os
 
     from workbench import distributed
-    from workbench.errors import WorkbenchError
 
+    # Commands outside DATA_PARALLEL run `alone()` on rank 0 (cli.main), so they see no launch.
     ranks = distributed.launched()
-    command = getattr(args, "command", None)
-    if ranks.active and command not in DATA_PARALLEL:
-        raise WorkbenchError(
-            f"`workbench {command}` does not run data-parallel yet (launched with "
-            f"WORLD_SIZE={ranks.world_size})",
-            fix=f"run it as one process, or use one of: {', '.join(DATA_PARALLEL)}",
-        )
     distributed.select_gpus()
     distributed.current()
 

@@ -141,11 +141,6 @@ def finished(path: str | Path) -> PatchResult:
     return PatchResult(tables[PATCHING], tables[PATCHED], tables[PAIRS], manifest, path)
 
 
-# Kept for `scripts/bench_patching.py` until it reads through `workbench.interp.readers`.
-_reader = R.reader
-_distributions = R.distributions
-
-
 # --------------------------------------------------------------------------------------------
 # reading the answer
 
