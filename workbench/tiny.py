@@ -15,13 +15,14 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
@@ -158,3 +159,23 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def random_model(kind: str, vocab_size: int, *, n_layers: int = 2) -> PreTrainedModel:
+    """A tiny random-weight Mistral, Qwen2 or Qwen3 built from its config (sdpa attention,
+    seed 0, nothing downloaded): the architectures tests check beside Llama and GPT-2."""
+    import transformers as tf
+
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }  # fmt: skip
+    config = {
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
+    }[kind]()
+    torch.manual_seed(0)
+    model: PreTrainedModel = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()

@@ -40,6 +40,7 @@ from workbench.interp.sites import all_sites
 from workbench.study import prompts as P
 from workbench.study.load import load_study
 from workbench.study.spans import Span, factor_spans
+from workbench.tiny import random_model
 
 EARLY = ("blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out")
 CONFIG = PT.PatchConfig(
@@ -263,20 +264,7 @@ def test_cli_checks_every_factor_first(small_organism: Path, tmp_path: Path) -> 
 
 
 def _config_model(kind: str, vocab: int) -> Any:
-    """A tiny random model of `kind` built from its config (no weights downloaded)."""
-    import transformers as tf
-
-    common = {
-        "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-    }  # fmt: skip
-    config = {
-        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
-        "qwen2": lambda: tf.Qwen2Config(**common),
-        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
-    }[kind]()
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return random_model(kind, vocab, n_layers=3)
 
 
 @pytest.fixture(scope="module")

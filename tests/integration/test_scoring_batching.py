@@ -13,27 +13,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from workbench.engine.models import LoadedModel, load_model
 from workbench.engine.scoring import EngineConfig, Request, Scored, naive_score, score_requests
+from workbench.tiny import random_model
 
 
 def _config_model(kind: str, vocab: int) -> Any:
-    """A tiny random model of `kind` built from its config (no weights downloaded)."""
-    import transformers as tf
-
-    common = {
-        "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-    }  # fmt: skip
-    config = {
-        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
-        "qwen2": lambda: tf.Qwen2Config(**common),
-        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
-    }[kind]()
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return random_model(kind, vocab, n_layers=2)
 
 
 @pytest.fixture(scope="module")
