@@ -108,12 +108,14 @@ def _worst_logprob_error(lm: LoadedModel, study: Study, config: DistributionConf
 
 
 def test_option_logprobs_equal_a_plain_hf_forward(lm: LoadedModel) -> None:
-    """Row by row the engine is a plain HF forward (1e-5). With batching and the shared
+    """Row by row the engine is a plain HF forward up to float32 rounding: its last block runs
+    the MLP at the read position alone, a matmul of another shape that rounds differently
+    (measured 1.05e-5; 7.5e-6 without that shortcut). With batching and the shared
     persona-prefix KV cache, float32 sums run in another order through 30 layers: the
-    log-probs then agree to a few 1e-5 (measured 1.7e-5)."""
+    log-probs then agree to a few 1e-5 (measured 1.3e-5)."""
     study = _study()
     plain = DistributionConfig(batch_size=1, share_prefix=False, progress=False)
-    assert _worst_logprob_error(lm, study, plain) < 1e-5
+    assert _worst_logprob_error(lm, study, plain) < 2e-5
     assert _worst_logprob_error(lm, study, DistributionConfig(progress=False)) < 5e-5
 
 

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from workbench.engine.readout import NOTHING_READ, base_forward
+
 
 @dataclass
 class PackedRow:
@@ -119,7 +121,9 @@ def run_prefixes(
         for b, i in enumerate(which):
             ids[b, : lengths[i]] = torch.tensor(prefixes[i])
             mask[b, : lengths[i]] = 1
-        out = model.base_model(
+        out = base_forward(
+            model,
+            NOTHING_READ,
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=torch.arange(w, device=device).expand(len(which), -1),

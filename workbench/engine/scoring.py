@@ -32,6 +32,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from workbench.engine.packing import PackedRow, pack_request, packed_mask, run_prefixes
+from workbench.engine.readout import NOTHING_READ, base_forward
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,19 @@ def _forward_hidden(
     mask: Tensor,
     positions: Tensor,
     prefix_cache: DynamicCache | None,
+    reads: Tensor,
 ) -> Tensor:
-    """Final hidden states [batch, pos, d_model] of rows that continue a shared prefix."""
+    """Final hidden states [batch, pos, d_model] of rows that continue a shared prefix; only
+    the flattened positions `reads` are computed exactly (`workbench.engine.readout`)."""
     device = next(model.parameters()).device
     cache = (
         _expand_cache(prefix_cache, ids.shape[0], model.config)
         if prefix_cache is not None
         else None
     )
-    out = model.base_model(
+    out = base_forward(
+        model,
+        reads,
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
@@ -200,7 +205,7 @@ def _score_group(
     prefix_cache = None
     if n_prefix:
         ids = torch.tensor([reqs[0].context[:n_prefix]], device=device)
-        out = model.base_model(input_ids=ids, use_cache=True)
+        out = base_forward(model, NOTHING_READ, input_ids=ids, use_cache=True)
         prefix_cache = getattr(out, "cache", None) or out.past_key_values
 
     # One row per (request, continuation) for sequence scoring; next_token needs one row.
@@ -230,9 +235,11 @@ def _score_group(
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, n_prefix : n_prefix + len(toks)] = 1
         positions = torch.arange(n_prefix, n_prefix + width).expand(len(batch), -1)
-        hidden = _forward_hidden(model, ids, mask, positions, prefix_cache)
         row_idx = torch.tensor([i for i, b in enumerate(batch) for _ in b[3]], device=device)
         pos_idx = torch.tensor([p for b in batch for p in b[3]], device=device)
+        hidden = _forward_hidden(
+            model, ids, mask, positions, prefix_cache, row_idx * width + pos_idx
+        )
         logprobs = torch.log_softmax(_logits(model, hidden[row_idx, pos_idx]), dim=-1)
         k = 0
         for ri, ci, _, reads in batch:
@@ -337,15 +344,17 @@ def _score_packed(
         cache = None
         if prefixes is not None and n_prefix:
             cache = prefixes.cache(model, [row.prefix for row in batch], n_prefix)
-        hidden = model.base_model(
+        row_idx = torch.tensor([i for i, row in enumerate(batch) for _ in row.reads], device=device)
+        pos_idx = torch.tensor([p for row in batch for p in row.reads], device=device)
+        hidden = base_forward(
+            model,
+            row_idx * width + pos_idx,
             input_ids=ids.to(device),
             attention_mask=mask,
             position_ids=positions.to(device),
             use_cache=cache is not None,
             **{kwarg: cache},
         ).last_hidden_state
-        row_idx = torch.tensor([i for i, row in enumerate(batch) for _ in row.reads], device=device)
-        pos_idx = torch.tensor([p for row in batch for p in row.reads], device=device)
         logprobs = torch.log_softmax(_logits(model, hidden[row_idx, pos_idx]), dim=-1)
         # Gather every (read, token) pair at once; sum per continuation on the host.
         flat_rows: list[int] = []

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from workbench.engine.models import LoadedModel
+from workbench.engine.readout import decoder_blocks
 from workbench.errors import WorkbenchError
 from workbench.study import prompts as P
 from workbench.study.spans import Span
@@ -116,21 +117,14 @@ class _Stop(Exception):
 
 
 def _find_blocks(model: Any) -> Any:
-    base = model.base_model
-    n = model.config.get_text_config().num_hidden_layers
-    for path in ("layers", "h", "blocks", "decoder.layers", "model.layers", "transformer.h"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, torch.nn.ModuleList) and len(obj) == n:
-            return obj
-    for module in base.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise WorkbenchError(
-        f"cannot find the {n} decoder blocks of {type(model).__name__}",
-        fix="use backend='bridge' (TransformerLens hook points)",
-    )
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        raise WorkbenchError(
+            f"cannot find the {model.config.get_text_config().num_hidden_layers} decoder "
+            f"blocks of {type(model).__name__}",
+            fix="use backend='bridge' (TransformerLens hook points)",
+        )
+    return blocks
 
 
 def _child(block: Any, names: Sequence[str], what: str) -> Any:
