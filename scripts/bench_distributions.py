@@ -462,6 +462,7 @@ def run_cell(
             with counting(lm.model) as count:
                 elapsed, out, _ = timed(runner(m, work, instances), lm.device)
             results[m].times.append(elapsed)
+            results[m].model_times.append(count.model_s)
             results[m].logprobs = out
             results[m].count = count
             print(f"  repeat {rep + 1}/{args.repeats}  {m:<15} {elapsed:8.3f} s")

@@ -121,10 +121,17 @@ class MethodResult:
     times: list[float] = field(default_factory=list)
     logprobs: np.ndarray | None = None
     count: Counter = field(default_factory=Counter)
+    model_times: list[float] = field(default_factory=list)
+    """Per repeat: seconds inside the model's forwards (`Counter.model_s`)."""
 
     @property
     def best(self) -> float:
         return min(self.times)
+
+    @property
+    def best_model(self) -> float:
+        """Seconds inside the model's forwards in the best repeat."""
+        return self.model_times[self.times.index(self.best)]
 
 
 @dataclass
@@ -161,6 +168,11 @@ class BenchReport:
     def median_ratio(self, name: str = "workbench") -> float:
         """The same from median times: less lucky than the best on a loaded machine."""
         return float(np.median(self.results["lm-eval"].times) / np.median(self.results[name].times))
+
+    def bound(self, name: str = "workbench") -> float:
+        """lm-eval's best time / `name`'s time inside the model's forwards: its speed if all
+        its own work outside the model (rendering, tokenization, batching, tables) took none."""
+        return self.results["lm-eval"].best / self.results[name].best_model
 
     def per_position(self, name: str = "workbench") -> float:
         """Positions fed per second by `name` against lm-eval's."""
@@ -246,6 +258,7 @@ def render_table(report: BenchReport) -> list[list[str]]:
         "req tok/s",
         "fed tok/s",
         "speed vs lm-eval",
+        "in model forwards",
         "max |Δ logprob| vs lm-eval",
     ]
     cuda = args.device.startswith("cuda")
@@ -263,6 +276,7 @@ def render_table(report: BenchReport) -> list[list[str]]:
             f"{report.req_tokens / t:,.0f}",
             f"{r.count.positions / t:,.0f}",
             f"{base / t:.2f}x",
+            f"{r.best_model:.3f} s ({100 * r.best_model / t:.0f}%)",
             "—" if name == "lm-eval" else f"{delta:.2e}",
         ]
         row += (
@@ -328,7 +342,10 @@ def _footnote(report: BenchReport) -> list[str]:
         "`req tok/s`: the study's context+continuation tokens per second (the same numerator for every method). "
         "`fed tok/s`: positions actually run through the model per second, padding included (counted with a hook). "
         "FLOPs = 2 x body parameters x positions fed + 2 x unembedding parameters x rows unembedded "
-        f"(body {body:,}, unembedding {head:,}; attention scores ignored). "
+        f"(body {body:,}, unembedding {head:,}; attention scores ignored): nominal for the workbench, whose last "
+        "block runs its query and output projections and MLP only at the read positions (`workbench.engine.readout`, "
+        "about a fifth of this 4-layer model's matmul work per position, ~1/layers of it in general), so its "
+        "GFLOP/s and `per position` include that saving. "
         "naive: one plain HF forward of context+continuation per (prompt, option), float32 log_softmax. "
         "lm-eval: `HFLM(pretrained=<the loaded model>, add_bos_token=True, softmax_dtype=float32).loglikelihood` "
         "(its defaults otherwise; `add_bos_token` makes its encoding equal the workbench's, `softmax_dtype` is a "
@@ -336,7 +353,8 @@ def _footnote(report: BenchReport) -> list[str]:
         "workbench: `compute_distributions(study, lm, out_dir=None)` including rendering, tokenization and the summary tables "
         "(every persona prefix run once, all of them in one padded batch; each prompt's question suffix run once with all "
         "its options packed as a token tree under a 4D attention mask, rows of several personas in one forward, each "
-        "reading its own persona's KV cache). workbench-rows: the same with `DistributionConfig(pack_options=False)` "
+        "reading its own persona's KV cache; on CPU, grouped-query attention without copying keys and values, "
+        "`workbench.engine.attention`). workbench-rows: the same with `DistributionConfig(pack_options=False)` "
         "(one row per (prompt, option) after the shared persona prefix; run only where some option is 2+ tokens, "
         "since with single-token options both are one path). "
         "Paths: naive must run one forward per pair over exactly the context+continuation tokens; lm-eval at least every "
@@ -365,6 +383,8 @@ def matrix_rows(reports: list[BenchReport]) -> list[list[str]]:
             "(medians)",
             "positions fed lm-eval / workbench",
             "per position vs lm-eval",
+            "workbench in model forwards",
+            "bound: lm-eval s / workbench model s",
             "max |Δ logprob|",
             "paths",
         ]
@@ -383,6 +403,8 @@ def matrix_rows(reports: list[BenchReport]) -> list[list[str]]:
                 f"{r.median_ratio():.2f}x",
                 f"{lm_eval.count.positions:,} / {wb.count.positions:,}",
                 f"{r.per_position():.2f}x",
+                f"{100 * wb.best_model / wb.best:.0f}%",
+                f"{r.bound():.2f}x",
                 f"{r.max_delta['workbench vs lm-eval']:.1e}",
                 "ok" if r.paths_ok else "FAIL",
             ]
@@ -400,6 +422,8 @@ def markdown_matrix(reports: list[BenchReport], command: str) -> str:
         f"- Range: workbench {lo.ratio():.1f}x lm-eval ({lo.cell[0]} persona, {lo.cell[1]}, {lo.cell[2]} options) "
         f"to {hi.ratio():.1f}x ({hi.cell[0]} persona, {hi.cell[1]}, {hi.cell[2]} options); per position fed "
         f"{min(r.per_position() for r in reports):.2f}x to {max(r.per_position() for r in reports):.2f}x; "
+        f"bound at zero overhead outside the model {min(r.bound() for r in reports):.1f}x to "
+        f"{max(r.bound() for r in reports):.1f}x; "
         f"from median times {min(r.median_ratio() for r in reports):.1f}x to "
         f"{max(r.median_ratio() for r in reports):.1f}x",
         "",
@@ -409,7 +433,9 @@ def markdown_matrix(reports: list[BenchReport], command: str) -> str:
         "",
         "`speed vs lm-eval`: lm-eval's best time / the workbench's (the whole call: rendering, tokenization, "
         "scoring, tables); `(medians)`: the same from the median times. `per position`: positions fed per second, workbench / lm-eval (what the speed would be "
-        "at equal positions fed). Every cell's full table follows.",
+        "at equal positions fed). `in model forwards`: the share of the workbench's best time spent inside the model's body and "
+        "unembedding forwards (timed with forward hooks); `bound`: lm-eval's best time / the workbench's time inside those "
+        "forwards, the speed it would reach if all of its own work outside the model took no time. Every cell's full table follows.",
         "",
     ]
     for r in reports:

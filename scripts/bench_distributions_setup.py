@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,12 +303,28 @@ class Counter:
     """Positions run through the transformer body (padding included)."""
     head_rows: int = 0
     """Hidden states multiplied by the unembedding."""
+    model_s: float = 0.0
+    """Seconds inside the model's body and unembedding forwards (the rest of a method's time
+    is its own Python work: rendering, tokenization, batching, tables)."""
 
 
 @contextlib.contextmanager
 def counting(model: Any) -> Iterator[Counter]:
-    """Count forwards, positions fed and rows unembedded, whatever calls the model."""
+    """Count forwards, positions fed and rows unembedded, and time the model's forwards,
+    whatever calls the model."""
     c = Counter()
+    cuda = next(model.parameters()).device.type == "cuda"
+    started: list[float] = []
+
+    def tick(*_: Any) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        started.append(time.perf_counter())
+
+    def tock(*_: Any) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        c.model_s += time.perf_counter() - started.pop()
 
     def body_pre(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -319,9 +336,15 @@ def counting(model: Any) -> Iterator[Counter]:
     def head_pre(_mod: Any, args: tuple[Any, ...]) -> None:
         c.head_rows += int(args[0].numel() // args[0].shape[-1])
 
+    body, head = model.base_model, model.get_output_embeddings()
     handles = [
-        model.base_model.register_forward_pre_hook(body_pre, with_kwargs=True),
-        model.get_output_embeddings().register_forward_pre_hook(head_pre),
+        body.register_forward_pre_hook(body_pre, with_kwargs=True),
+        head.register_forward_pre_hook(head_pre),
+        # the timers go on last before and first after each forward
+        body.register_forward_pre_hook(tick),
+        head.register_forward_pre_hook(tick),
+        body.register_forward_hook(tock, prepend=True),
+        head.register_forward_hook(tock, prepend=True),
     ]
     try:
         yield c
