@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _plain_hf import worst_logprob_error
 
 from workbench.engine.attention import cpu_gqa_attention
 from workbench.engine.models import LoadedModel, load_model
 from workbench.engine.readout import last_block_at
-from workbench.measure.distributions import DistributionConfig, compute_distributions
+from workbench.measure.distributions import DistributionConfig
 from workbench.study.load import parse_study
-from workbench.study.prompts import render
 from workbench.study.spec import Study
 
 STUDY_FILE = Path(__file__).resolve().parents[2] / "probes" / "persona_chat.yaml"
@@ -64,19 +64,6 @@ def _study() -> Study:
     return parse_study(raw, str(STUDY_FILE))
 
 
-def _worst_logprob_error(lm: LoadedModel, study: Study, config: DistributionConfig) -> float:
-    result = compute_distributions(study, lm, None, config)
-    prompts = {p.prompt_id: p for p in render(study, lm.tokenizer)}
-    worst = 0.0
-    for pid, rows in result.variants.groupby("prompt_id"):
-        ids = torch.tensor([prompts[int(pid)].input_ids])
-        with torch.no_grad():
-            ref = lm.model(ids).logits[0, -1].float().log_softmax(-1)
-        for row in rows.itertuples():
-            worst = max(worst, abs(float(ref[int(row.token_ids[0])]) - float(row.logprob)))
-    return worst
-
-
 def test_the_engine_shortcuts_apply_to_gemma3(lm: LoadedModel) -> None:
     """Grouped-query attention without copies and the last block at the read positions both
     switch on for this architecture (so the next test checks them)."""
@@ -94,5 +81,5 @@ def test_option_logprobs_equal_a_plain_hf_forward(lm: LoadedModel) -> None:
     row, 1.2e-5 batched)."""
     study = _study()
     plain = DistributionConfig(batch_size=1, share_prefix=False, progress=False)
-    assert _worst_logprob_error(lm, study, plain) < 2e-5
-    assert _worst_logprob_error(lm, study, DistributionConfig(progress=False)) < 5e-5
+    assert worst_logprob_error(lm, study, plain) < 2e-5
+    assert worst_logprob_error(lm, study, DistributionConfig(progress=False)) < 5e-5

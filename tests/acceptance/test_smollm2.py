@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _plain_hf import worst_logprob_error
 
 from workbench.engine.models import LoadedModel, load_model
 from workbench.measure.distributions import DistributionConfig, compute_distributions
@@ -94,19 +95,6 @@ def test_chat_prompts_have_one_bos_and_equal_the_chat_template(lm: LoadedModel) 
         assert list(prompt.input_ids).count(tok.bos_token_id) == turns == 3
 
 
-def _worst_logprob_error(lm: LoadedModel, study: Study, config: DistributionConfig) -> float:
-    result = compute_distributions(study, lm, None, config)
-    prompts = {p.prompt_id: p for p in render(study, lm.tokenizer)}
-    worst = 0.0
-    for pid, rows in result.variants.groupby("prompt_id"):
-        ids = torch.tensor([prompts[int(pid)].input_ids])
-        with torch.no_grad():
-            ref = lm.model(ids).logits[0, -1].float().log_softmax(-1)
-        for row in rows.itertuples():
-            worst = max(worst, abs(float(ref[int(row.token_ids[0])]) - float(row.logprob)))
-    return worst
-
-
 def test_option_logprobs_equal_a_plain_hf_forward(lm: LoadedModel) -> None:
     """Row by row the engine is a plain HF forward up to float32 rounding: its last block runs
     the MLP at the read position alone, a matmul of another shape that rounds differently
@@ -115,8 +103,8 @@ def test_option_logprobs_equal_a_plain_hf_forward(lm: LoadedModel) -> None:
     log-probs then agree to a few 1e-5 (measured 1.3e-5)."""
     study = _study()
     plain = DistributionConfig(batch_size=1, share_prefix=False, progress=False)
-    assert _worst_logprob_error(lm, study, plain) < 2e-5
-    assert _worst_logprob_error(lm, study, DistributionConfig(progress=False)) < 5e-5
+    assert worst_logprob_error(lm, study, plain) < 2e-5
+    assert worst_logprob_error(lm, study, DistributionConfig(progress=False)) < 5e-5
 
 
 def test_label_variants_cover_what_the_model_emits(lm: LoadedModel) -> None:
