@@ -117,3 +117,66 @@ def test_without_prefix_sharing_or_packing_the_same(models: dict[str, LoadedMode
     reqs = _requests(int(lm.model.config.vocab_size), seed=2)
     _check(lm, reqs, EngineConfig(batch_size=5, share_prefix=False))
     _check(lm, reqs, EngineConfig(batch_size=5, pack_options=False))
+
+
+def _windowed(kind: str, window: int) -> Any:
+    """A tiny random Mistral (every layer sliding) or Gemma 3 (sliding then full) whose
+    attention window is `window` tokens."""
+    import torch
+    import transformers as tf
+
+    common: dict[str, Any] = {
+        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "sliding_window": window,
+    }  # fmt: skip
+    config = (
+        tf.MistralConfig(**common)
+        if kind == "mistral"
+        else tf.Gemma3TextConfig(
+            **common, head_dim=8, layer_types=["sliding_attention", "full_attention"]
+        )
+    )
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_sequences_longer_than_a_sliding_window_stay_exact(
+    kind: str, models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One packed 4D mask cannot express a sliding window: sequences longer than the window
+    take the row path (with transformers' own per-layer masks), shorter ones stay packed;
+    both equal a plain HF forward. (Packed past the window, the numbers were off by up to
+    0.12 and a prefix longer than the window crashed.)"""
+    from workbench.engine import scoring
+
+    lm = dataclasses.replace(models["llama"], model=_windowed(kind, window=12))
+    rows_groups: list[int] = []
+    real = scoring._score_group
+
+    def spy(model: Any, reqs: list[Request], *args: Any) -> Any:
+        rows_groups.append(len(reqs))
+        return real(model, reqs, *args)
+
+    monkeypatch.setattr(scoring, "_score_group", spy)
+    rng = random.Random(3)
+    reqs = []
+    for group, n_prefix in (("a", 9), ("b", 15)):
+        prefix = [rng.randrange(3, 97) for _ in range(n_prefix)]
+        for _ in range(3):
+            context = (*prefix, *(rng.randrange(3, 97) for _ in range(rng.randrange(2, 7))))
+            conts = tuple(
+                tuple(rng.randrange(3, 97) for _ in range(rng.randrange(1, 3))) for _ in range(3)
+            )
+            reqs.append(Request(len(reqs), context, conts, group=group))
+    config = EngineConfig(min_prefix_tokens=4)
+    _check(lm, reqs, config)
+    assert rows_groups == [3, 3]  # longer than the window: both groups took the row path
+    rows_groups.clear()
+    short = [
+        dataclasses.replace(r, context=r.context[-7:], continuations=((5,), (6, 7)), group="s")
+        for r in reqs
+    ]
+    _check(lm, short, config)
+    assert rows_groups == []  # within the window: packed

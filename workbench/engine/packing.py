@@ -28,6 +28,26 @@ from transformers import DynamicCache, PreTrainedModel
 from workbench.engine.readout import NOTHING_READ, base_forward
 
 
+def attention_window(config: object) -> int | None:
+    """The fewest earlier positions any layer attends to (sliding-window or chunked
+    attention), None where every layer attends to all of them; 0 for a limited layer type
+    whose window is unknown. The packed path's 4D mask is one mask for every layer, so it is
+    exact only for sequences no longer than this; longer ones take the row path, where
+    transformers builds each layer type's own mask."""
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    types = getattr(text, "layer_types", None)
+    if types is not None and all(t == "full_attention" for t in types):
+        return None
+    if getattr(text, "use_sliding_window", None) is False and types is None:
+        return None
+    sizes = [getattr(text, k, None) for k in ("sliding_window", "attention_chunk_size")]
+    known = [int(n) for n in sizes if isinstance(n, int) and n > 0]
+    if known:
+        return min(known)
+    return 0 if types is not None else None
+
+
 @dataclass
 class PackedRow:
     """One request's context suffix followed by the token tree of its continuations."""

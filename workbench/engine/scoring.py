@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-from workbench.engine.packing import PackedRow, pack_request, packed_mask, run_prefixes
+from workbench.engine.packing import (
+    PackedRow,
+    attention_window,
+    pack_request,
+    packed_mask,
+    run_prefixes,
+)
 from workbench.engine.readout import NOTHING_READ, base_forward
 
 
@@ -67,7 +73,8 @@ class EngineConfig:
     """Share a group's common prefix only when it is at least this long."""
     pack_options: bool = True
     """Score all continuations of a request in one row (context once + a token tree under a
-    4D mask). Used with sdpa and eager attention; other attention kernels take one row per
+    4D mask). Used with sdpa and eager attention where every sequence fits the model's
+    sliding or chunked attention window (`packing.attention_window`); otherwise one row per
     continuation."""
 
 
@@ -159,6 +166,10 @@ def score_requests(
     for r in requests:
         groups.setdefault(r.group, []).append(r)
     mask_kind = _custom_mask_kind(model) if config.pack_options else None
+    window = attention_window(model.config)
+    longest = max((len(r.context) + max(map(len, r.continuations)) for r in requests), default=0)
+    if window is not None and longest > window:
+        mask_kind = None  # one 4D mask cannot express a window: the row path is exact
     if mask_kind is None:
         for reqs in groups.values():
             yield from _score_group(model, reqs, config, pad_id, device)
