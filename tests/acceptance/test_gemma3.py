@@ -10,6 +10,7 @@ The first load converts the file into a cached HF folder; later loads take secon
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from workbench.engine.models import LoadedModel, load_model
 from workbench.engine.readout import last_block_at
 from workbench.measure.distributions import DistributionConfig
 from workbench.study.load import parse_study
+from workbench.study.prompts import render
 from workbench.study.spec import Study
 
 STUDY_FILE = Path(__file__).resolve().parents[2] / "probes" / "persona_chat.yaml"
@@ -82,4 +84,21 @@ def test_option_logprobs_equal_a_plain_hf_forward(lm: LoadedModel) -> None:
     study = _study()
     plain = DistributionConfig(batch_size=1, share_prefix=False, progress=False)
     assert worst_logprob_error(lm, study, plain) < 2e-5
+    assert worst_logprob_error(lm, study, DistributionConfig(progress=False)) < 5e-5
+
+
+def test_prompts_past_the_sliding_window_equal_a_plain_hf_forward(lm: LoadedModel) -> None:
+    """Gemma 3's sliding layers see 512 tokens back. Prompts of ~800 tokens (a long
+    preamble) take the row path with transformers' per-layer masks and stay exact (measured
+    1.05e-5); the packed path crashed on their 781-token shared prefix."""
+    study = _study()
+    preamble = " ".join(
+        f"Background fact {i}: the survey was fielded in region {i % 7} by team {i % 5}."
+        for i in range(40)
+    )
+    assert study.template.prompt is not None
+    template = dataclasses.replace(study.template, prompt=preamble + "\n" + study.template.prompt)
+    study = dataclasses.replace(study, template=template, cells=study.cells[:1])
+    lengths = [len(p.input_ids) for p in render(study, lm.tokenizer)]
+    assert min(lengths) > lm.model.config.sliding_window + 200  # 512 + 200
     assert worst_logprob_error(lm, study, DistributionConfig(progress=False)) < 5e-5
