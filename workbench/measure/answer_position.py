@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from workbench.engine.models import LoadedModel
+from workbench.engine.packing import attention_window
 from workbench.measure.answers import Parsed, option_surfaces
 from workbench.measure.decoding import (
     KINDS,
@@ -218,22 +219,25 @@ def forced_slots(
                 requests.setdefault(key, []).append((r, surface.option_id))
     if requests:
         keys = list(requests)
-        prefix = records.prefix if records is not None else None
-        if prefix is None:
-            wanted = sorted({k[0] for k in keys})
-            made = _make_prefix(lm, [plans[p] for p in wanted])
-            if made is not None:
+        # The cached rows put pads between a prompt and its continuation, and transformers
+        # builds a sliding window from cache indices, not positions: past the model's
+        # attention window only whole sequences are exact.
+        window = attention_window(lm.model.config)
+        longest = max(len(plans[k[0]].prompt.input_ids) + len(k[1]) + len(k[2]) for k in keys)
+        prefix, cached_keys = None, keys
+        if window is None or longest <= window:
+            prefix = records.prefix if records is not None else None
+            if prefix is None:
+                wanted = sorted({k[0] for k in keys})
+                prefix = _make_prefix(lm, [plans[p] for p in wanted])
                 local = {p: i for i, p in enumerate(wanted)}
-                keys_local = [(local[k[0]], k[1], k[2]) for k in keys]
-                a, b = _forced_forwards(lm, made, keys_local, temperature, stats)
-            else:  # a model without a key/value cache: whole sequences
-                contexts = [list(plans[k[0]].prompt.input_ids) + list(k[1]) for k in keys]
-                a, b = teacher_forced_logprobs(
-                    lm, contexts, [list(k[2]) for k in keys], temperature
-                )
-                stats.forward_rows += len(keys)
-        else:
-            a, b = _forced_forwards(lm, prefix, keys, temperature, stats)
+                cached_keys = [(local[k[0]], k[1], k[2]) for k in keys]
+        if prefix is not None:
+            a, b = _forced_forwards(lm, prefix, cached_keys, temperature, stats)
+        else:  # a model without a key/value cache, or past its window: whole sequences
+            contexts = [list(plans[k[0]].prompt.input_ids) + list(k[1]) for k in keys]
+            a, b = teacher_forced_logprobs(lm, contexts, [list(k[2]) for k in keys], temperature)
+            stats.forward_rows += len(keys)
         for key, x, y in zip(keys, a, b, strict=True):
             for pair in requests[key]:
                 lp1[pair], lp_t[pair] = float(x), float(y)
