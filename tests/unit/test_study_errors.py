@@ -415,3 +415,28 @@ def test_cli_multi_token_label_exits_2(
     # transformers may print a weight-loading progress bar before the error
     assert f"\nerror: {path}: questions[1].labels: " in "\n" + err.replace("\r", "\n")
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+class _CaseFoldingTokenizer:
+    """One token per distinct case-folded string (as a lower-casing tokenizer would)."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, Any]:
+        ids = [[self.vocab.setdefault(t.lower(), len(self.vocab))] for t in texts]
+        return {"input_ids": ids}
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        names = {i: t for t, i in self.vocab.items()}
+        return [names[i] for i in ids]
+
+
+def test_two_options_scored_by_one_token(tmp_path: Path, llama_tokenizer: Any) -> None:
+    """Labels "A" and "a" under a case-folding tokenizer: one token would count for both."""
+    study = _load(tmp_path, _edit("questions[1].labels", ["A", "a", "C"]))
+    prompts = render(study, llama_tokenizer)
+    with pytest.raises(StudyError) as info:
+        validate_for_tokenizer(study, prompts, _CaseFoldingTokenizer(), max_length=None)
+    assert_clear(info.value, Path(study.path), "questions[1].labels")
+    assert "scored by the same token" in str(info.value)

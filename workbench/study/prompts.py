@@ -313,25 +313,31 @@ def validate_for_tokenizer(
 ) -> None:
     """Checks that need the tokenizer: single-token labels and prompt lengths."""
     if study.scoring.method == "next_token":
-        for q_i, question in enumerate(study.questions):
-            all_options = question.all_options
-            n = len(all_options)
-            for pos in range(n):
-                label = question.label_at(pos, all_options[pos])
-                target = label if study.scoring.target == "label" else all_options[pos]
-                for variant in study.scoring.variants:
-                    surface = variant.replace("{}", target)
-                    ids = tokenizer(surface, add_special_tokens=False)["input_ids"]
-                    if len(ids) != 1:
-                        pieces = tokenizer.convert_ids_to_tokens(ids)
-                        raise StudyError(
-                            study.path,
-                            f"questions[{q_i}].labels",
-                            f"{surface!r} is {len(ids)} tokens {pieces} under this tokenizer, "
-                            "but `scoring.method: next_token` needs one",
-                            "use `scoring.method: sequence`, shorter labels (letters), "
-                            "or drop that variant from `scoring.variants`",
-                        )
+        # every (question, option, variant) surface, tokenized in one batched call
+        slots = [
+            (q_i, text, variant.replace("{}", target))
+            for q_i, question in enumerate(study.questions)
+            for pos, text in enumerate(question.all_options)
+            for target in [
+                question.label_at(pos, text) if study.scoring.target == "label" else text
+            ]
+            for variant in study.scoring.variants
+        ]
+        surfaces = sorted({surface for _, _, surface in slots})
+        encoded = tokenizer(surfaces, add_special_tokens=False)["input_ids"] if surfaces else []
+        ids_of = dict(zip(surfaces, encoded, strict=True))
+        for q_i, _, surface in slots:
+            ids = ids_of[surface]
+            if len(ids) != 1:
+                pieces = tokenizer.convert_ids_to_tokens(ids)
+                raise StudyError(
+                    study.path,
+                    f"questions[{q_i}].labels",
+                    f"{surface!r} is {len(ids)} tokens {pieces} under this tokenizer, "
+                    "but `scoring.method: next_token` needs one",
+                    "use `scoring.method: sequence`, shorter labels (letters), "
+                    "or drop that variant from `scoring.variants`",
+                )
     if max_length is not None:
         for p in prompts:
             if len(p.input_ids) >= max_length:
@@ -346,23 +352,18 @@ def validate_for_tokenizer(
     # Two options must not share a scored token (e.g. labels "A" and " A" under variants
     # " {}" and "{}"): their probabilities would be counted twice.
     if study.scoring.method == "next_token":
-        for q_i, question in enumerate(study.questions):
-            owner: dict[int, str] = {}
-            for pos, text in enumerate(question.all_options):
-                target = question.label_at(pos, text) if study.scoring.target == "label" else text
-                for variant in study.scoring.variants:
-                    (tid,) = tokenizer(variant.replace("{}", target), add_special_tokens=False)[
-                        "input_ids"
-                    ]
-                    if tid in owner and owner[tid] != text:
-                        raise StudyError(
-                            study.path,
-                            f"questions[{q_i}].labels",
-                            f"options {owner[tid]!r} and {text!r} are scored by the same token "
-                            f"{tokenizer.convert_ids_to_tokens([tid])[0]!r}",
-                            "give every option a distinct label",
-                        )
-                    owner[tid] = text
+        owner: dict[tuple[int, int], str] = {}
+        for q_i, text, surface in slots:
+            (tid,) = ids_of[surface]
+            if owner.get((q_i, tid), text) != text:
+                raise StudyError(
+                    study.path,
+                    f"questions[{q_i}].labels",
+                    f"options {owner[(q_i, tid)]!r} and {text!r} are scored by the same token "
+                    f"{tokenizer.convert_ids_to_tokens([tid])[0]!r}",
+                    "give every option a distinct label",
+                )
+            owner[(q_i, tid)] = text
 
 
 def prompts_frame(study: Study, prompts: list[Prompt]) -> pd.DataFrame:
