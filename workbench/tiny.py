@@ -161,9 +161,13 @@ def build_tiny_model(
     return out
 
 
-def random_model(kind: str, vocab_size: int, *, n_layers: int = 2) -> PreTrainedModel:
-    """A tiny random-weight Mistral, Qwen2 or Qwen3 built from its config (sdpa attention,
-    seed 0, nothing downloaded): the architectures tests check beside Llama and GPT-2."""
+def random_model(
+    kind: str, vocab_size: int, *, n_layers: int = 2, sliding_window: int | None = None
+) -> PreTrainedModel:
+    """A tiny random-weight Mistral, Qwen2, Qwen3 or Gemma 3 built from its config (sdpa
+    attention, seed 0, nothing downloaded): the architectures tests check beside Llama and
+    GPT-2. `sliding_window`: every Mistral layer, or every other Gemma 3 layer (sliding then
+    full, as in Gemma 3), attends only that many tokens back."""
     import transformers as tf
 
     common: dict[str, Any] = {
@@ -171,10 +175,17 @@ def random_model(kind: str, vocab_size: int, *, n_layers: int = 2) -> PreTrained
         "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 128,
     }  # fmt: skip
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
     config = {
-        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=sliding_window),
         "qwen2": lambda: tf.Qwen2Config(**common),
         "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            **common,
+            head_dim=8,
+            sliding_window=sliding_window or 4096,
+            layer_types=alternating if sliding_window else ["full_attention"] * n_layers,
+        ),
     }[kind]()
     torch.manual_seed(0)
     model: PreTrainedModel = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")

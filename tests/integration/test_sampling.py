@@ -34,6 +34,7 @@ from workbench.organism.build import STUDY_FILE, TRUTH_FILE, attach_truth
 from workbench.study import prompts as P
 from workbench.study.load import load_study
 from workbench.study.spec import Study
+from workbench.tiny import random_model
 
 N = 100
 
@@ -490,26 +491,6 @@ def test_forced_slots_equal_whole_sequence_forwards(
     print(f"{which}: {stats}, worst |answer_probs difference| {worst:.2e}")
 
 
-def _windowed(kind: str, vocab: int, window: int) -> Any:
-    """A tiny random Mistral (every layer sliding) or Gemma 3 (sliding, then full)."""
-    import transformers as tf
-
-    common: dict[str, Any] = {
-        "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-        "sliding_window": window,
-    }  # fmt: skip
-    config = (
-        tf.MistralConfig(**common)
-        if kind == "mistral"
-        else tf.Gemma3TextConfig(
-            **common, head_dim=8, layer_types=["sliding_attention", "full_attention"]
-        )
-    )
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
 @pytest.mark.parametrize("kind", ["mistral", "gemma3"])
 def test_forced_slots_past_a_sliding_window_equal_whole_sequence_forwards(
     kind: str, study: Study, lm: LoadedModel
@@ -517,7 +498,7 @@ def test_forced_slots_past_a_sliding_window_equal_whole_sequence_forwards(
     """Prompts of ~70 tokens fit a 72-token window, prompt + completion + option do not: the
     cached rows (pads between prompt and continuation, a window built on cache indices) were
     off by up to 1.6e-3; such slots are scored as whole sequences."""
-    lm = dataclasses.replace(lm, model=_windowed(kind, len(lm.tokenizer), 72))
+    lm = dataclasses.replace(lm, model=random_model(kind, len(lm.tokenizer), sliding_window=72))
     assert max(len(p.input_ids) for p in P.render(study, lm.tokenizer)[:5]) < 72
     stats, _ = _check_forced_slots(lm, study)
     assert stats.forward_rows > 0

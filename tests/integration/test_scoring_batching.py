@@ -119,28 +119,6 @@ def test_without_prefix_sharing_or_packing_the_same(models: dict[str, LoadedMode
     _check(lm, reqs, EngineConfig(batch_size=5, pack_options=False))
 
 
-def _windowed(kind: str, window: int) -> Any:
-    """A tiny random Mistral (every layer sliding) or Gemma 3 (sliding then full) whose
-    attention window is `window` tokens."""
-    import torch
-    import transformers as tf
-
-    common: dict[str, Any] = {
-        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-        "sliding_window": window,
-    }  # fmt: skip
-    config = (
-        tf.MistralConfig(**common)
-        if kind == "mistral"
-        else tf.Gemma3TextConfig(
-            **common, head_dim=8, layer_types=["sliding_attention", "full_attention"]
-        )
-    )
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
 @pytest.mark.parametrize("kind", ["mistral", "gemma3"])
 def test_sequences_longer_than_a_sliding_window_stay_exact(
     kind: str, models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch
@@ -151,7 +129,7 @@ def test_sequences_longer_than_a_sliding_window_stay_exact(
     0.12 and a prefix longer than the window crashed.)"""
     from workbench.engine import scoring
 
-    lm = dataclasses.replace(models["llama"], model=_windowed(kind, window=12))
+    lm = dataclasses.replace(models["llama"], model=random_model(kind, 97, sliding_window=12))
     rows_groups: list[int] = []
     real = scoring._score_group
 
