@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from tests.acceptance.test_smollm2 import GGUF, _study, pytestmark  # noqa: F401
 from tests.integration.test_sampling import _old_forced_slots
@@ -23,7 +22,6 @@ from workbench.study import prompts as P
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
     assert GGUF is not None
-    torch.set_num_threads(1)
     return load_model(GGUF, dtype="float32", device="cpu")
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
@@ -27,14 +25,6 @@ from workbench.study.load import load_study
 from workbench.study.spec import Study
 
 LABEL = "truth (stands in for human data)"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _slice(full: Study, organism: Path) -> Study:

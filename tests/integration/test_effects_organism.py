@@ -14,7 +14,6 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import torch
 
 from workbench.engine.models import load_model
 from workbench.interp.effects import ALL, EffectsConfig, compute_effects, estimate_effects
@@ -37,7 +36,6 @@ def truth_adjusted(folder: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def effects(small_organism: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    torch.set_num_threads(1)
     study = load_study(small_organism / "study.yaml")
     lm = load_model(small_organism / "model", dtype="float32", device="cpu")
     dist = compute_distributions(study, lm, None, DistributionConfig(batch_size=64, progress=False))

@@ -10,7 +10,6 @@ out-of-memory halvings, and samples 0..N-1 unchanged when N grows.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,6 @@ from workbench.study.spec import Study
 EXACT = ["prompt_id", "sample", "text", "n_new_tokens", "finish", "option_id", "status", "how"]
 EXACT += ["kind", "answer_start", "answer_token"]
 FLOAT = ["answer_option_mass", "answer_logprobs", "answer_probs"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
