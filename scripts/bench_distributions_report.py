@@ -8,7 +8,6 @@ import contextlib
 import datetime as dt
 import os
 import platform
-import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from scripts.bench_distributions_setup import Counter, Workload
 from workbench.engine.scoring import Request
+from workbench.runs import short_git_hash
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -220,26 +220,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return rev + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine(device: torch.device) -> str:
     text = f"{os.cpu_count()} CPU cores (nproc), {cpu_model()}, torch threads {torch.get_num_threads()}"
     if device.type == "cuda":
@@ -299,7 +279,7 @@ def _header(reports: list[BenchReport], command: str, title: str) -> list[str]:
         f"{reports[-1].load_avg[1]:.2f} after",
         "- Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions().items())
-        + f"; git {git_rev()}",
+        + f"; git {short_git_hash()}",
         f"- Model: {reports[0].model_stats['describe']}",
         f"- Settings: batch size {args.batch_size} (lm-eval and workbench), per workload a warm-up on the "
         f"first persona, then best of {args.repeats} interleaved repeats",

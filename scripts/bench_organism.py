@@ -41,6 +41,7 @@ from workbench.organism.build import (
     build_organism,
     organism_quality,
 )
+from workbench.runs import short_git_hash
 from workbench.study.load import load_study
 
 
@@ -118,7 +119,7 @@ def main() -> None:
             "# Model organism build benchmark",
             "",
             f"`python -m scripts.bench_organism {' '.join(sys.argv[1:])}` on {machine}.",
-            f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; git {_git_rev()}; "
+            f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; git {short_git_hash()}; "
             f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
             "(build times are wall clock: compare the CPU time beside them on a loaded machine).",
             "JS = Jensen-Shannon distance (base 2) to truth.parquet; TV = total variation.",
@@ -130,25 +131,6 @@ def main() -> None:
         ]
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text("\n".join(lines), encoding="utf-8")
-
-
-def _git_rev() -> str:
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (rev or "unknown") + (" (uncommitted changes)" if dirty else "")
 
 
 if __name__ == "__main__":

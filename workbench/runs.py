@@ -90,6 +90,15 @@ def git_hash() -> str | None:
         return None
 
 
+def short_git_hash() -> str:
+    """`git_hash()` as benchmark headers show it: 7 characters, then "(uncommitted changes)"
+    when the checkout has local changes; "unknown" outside a checkout."""
+    full = git_hash()
+    if full is None:
+        return "unknown"
+    return full[:7] + (" (uncommitted changes)" if full.endswith("-dirty") else "")
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in TRACKED_PACKAGES:
