@@ -380,7 +380,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[BenchRepo
     reports = []
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         lm = build_model(args, raw, Path(tmp))
-        body, head = flop_params(lm.model)
+        flop = flop_params(lm.model)
         cfg = lm.model.config
         describe = (
             f"{args.shape} Llama ({cfg.hidden_size} hidden, {cfg.num_hidden_layers} layers, "
@@ -391,7 +391,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[BenchRepo
         print(f"model: {describe}")
         if args.dry_run:
             work = make_workload(parse_study(raw, "<bench>"), lm)
-            per_tok = 2 * (body + head)
+            per_tok = 2 * (flop.body + flop.head)
             print(
                 f"dry run: {len(work.prompts)} prompts; ~{per_tok / 1e9:.3g} GFLOP per token fed; the study's "
                 f"{work.req_tokens:,} context+continuation tokens = {per_tok * work.req_tokens / 1e12:.3g} TFLOP "
@@ -399,7 +399,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[BenchRepo
             )
             return []
         hflm = make_hflm(lm, args.batch_size)
-        model_stats = {"describe": describe, "flop_params": (body, head)}
+        model_stats = {"describe": describe, "flop_params": flop}
         for cell in cells:
             reports.append(run_cell(args, lm, hflm, cell, methods, model_stats))
     text = markdown_matrix(reports, command) if args.matrix else markdown(reports[0], command)

@@ -179,6 +179,18 @@ class BenchReport:
         a, b = self.results[name], self.results["lm-eval"]
         return (a.count.positions / a.best) / (b.count.positions / b.best)
 
+    def flops(self, name: str) -> int:
+        """Matmul FLOPs `name` ran (`FlopParams.flops`)."""
+        return int(self.model_stats["flop_params"].flops(self.results[name].count))
+
+    def flop_ratio(self, name: str = "workbench") -> float:
+        """lm-eval's FLOPs / `name`'s: `name`'s speed if both ran their FLOPs equally fast."""
+        return self.flops("lm-eval") / self.flops(name)
+
+    def per_flop(self, name: str = "workbench") -> float:
+        """FLOPs per second of `name` against lm-eval's (speed / FLOP ratio)."""
+        return self.ratio(name) / self.flop_ratio(name)
+
 
 def study_stats(w: Workload) -> dict[str, float]:
     groups: dict[str, list[Request]] = {}
@@ -230,7 +242,6 @@ def machine(device: torch.device) -> str:
 def render_table(report: BenchReport) -> list[list[str]]:
     args = report.args
     base = report.results["lm-eval"].best
-    body, head = report.model_stats["flop_params"]
     header = [
         "method",
         "best s",
@@ -247,7 +258,7 @@ def render_table(report: BenchReport) -> list[list[str]]:
     for name in [m for m in METHODS if m in report.results]:
         r = report.results[name]
         t = r.best
-        flops = 2 * body * r.count.positions + 2 * head * r.count.head_rows
+        flops = report.flops(name)
         delta = report.max_delta.get(f"{name} vs lm-eval", 0.0)
         row = [
             name,
@@ -317,15 +328,18 @@ def _cell_lines(report: BenchReport) -> list[str]:
 
 
 def _footnote(report: BenchReport) -> list[str]:
-    body, head = report.model_stats["flop_params"]
+    flop = report.model_stats["flop_params"]
     return [
         "`req tok/s`: the study's context+continuation tokens per second (the same numerator for every method). "
         "`fed tok/s`: positions actually run through the model per second, padding included (counted with a hook). "
-        "FLOPs = 2 x body parameters x positions fed + 2 x unembedding parameters x rows unembedded "
-        f"(body {body:,}, unembedding {head:,}; attention scores ignored): nominal for the workbench, whose last "
-        "block runs its query and output projections and MLP only at the read positions (`workbench.engine.readout`, "
-        "about a fifth of this 4-layer model's matmul work per position, ~1/layers of it in general), so its "
-        "GFLOP/s and `per position` include that saving. "
+        "FLOPs: the matmul work each method really ran, 2 x (body parameters x positions fed + unembedding "
+        "parameters x rows unembedded - last-block parameters x positions where the workbench skipped them) "
+        f"(body {flop.body:,}, unembedding {flop.head:,}, last block's query and output projections and MLP "
+        f"{flop.read_only:,}; attention scores ignored). The workbench runs those last-block modules, and the last "
+        "block's attention, only at the read positions (`workbench.engine.readout`; about a fifth of this 4-layer "
+        "model's matmul work per position, ~1/layers of it in general); the skipped positions are counted while it "
+        "runs. `FLOPs lm-eval / workbench`: the workbench's speed if both ran their FLOPs equally fast; "
+        "`per FLOP`: the speed divided by it (above 1x: the workbench also runs each FLOP faster). "
         "naive: one plain HF forward of context+continuation per (prompt, option), float32 log_softmax. "
         "lm-eval: `HFLM(pretrained=<the loaded model>, add_bos_token=True, softmax_dtype=float32).loglikelihood` "
         "(its defaults otherwise; `add_bos_token` makes its encoding equal the workbench's, `softmax_dtype` is a "
@@ -363,6 +377,8 @@ def matrix_rows(reports: list[BenchReport]) -> list[list[str]]:
             "(medians)",
             "positions fed lm-eval / workbench",
             "per position vs lm-eval",
+            "FLOPs lm-eval / workbench",
+            "per FLOP vs lm-eval",
             "workbench in model forwards",
             "bound: lm-eval s / workbench model s",
             "max |Δ logprob|",
@@ -383,6 +399,8 @@ def matrix_rows(reports: list[BenchReport]) -> list[list[str]]:
                 f"{r.median_ratio():.2f}x",
                 f"{lm_eval.count.positions:,} / {wb.count.positions:,}",
                 f"{r.per_position():.2f}x",
+                f"{r.flop_ratio():.2f}x",
+                f"{r.per_flop():.2f}x",
                 f"{100 * wb.best_model / wb.best:.0f}%",
                 f"{r.bound():.2f}x",
                 f"{r.max_delta['workbench vs lm-eval']:.1e}",
@@ -402,6 +420,9 @@ def markdown_matrix(reports: list[BenchReport], command: str) -> str:
         f"- Range: workbench {lo.ratio():.1f}x lm-eval ({lo.cell[0]} persona, {lo.cell[1]}, {lo.cell[2]} options) "
         f"to {hi.ratio():.1f}x ({hi.cell[0]} persona, {hi.cell[1]}, {hi.cell[2]} options); per position fed "
         f"{min(r.per_position() for r in reports):.2f}x to {max(r.per_position() for r in reports):.2f}x; "
+        f"FLOPs lm-eval / workbench {min(r.flop_ratio() for r in reports):.2f}x to "
+        f"{max(r.flop_ratio() for r in reports):.2f}x and per FLOP {min(r.per_flop() for r in reports):.2f}x to "
+        f"{max(r.per_flop() for r in reports):.2f}x; "
         f"bound at zero overhead outside the model {min(r.bound() for r in reports):.1f}x to "
         f"{max(r.bound() for r in reports):.1f}x; "
         f"from median times {min(r.median_ratio() for r in reports):.1f}x to "

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from workbench.engine import readout
 from workbench.engine.models import LoadedModel, load_model
+from workbench.engine.readout import last_block_at as engine_last_block_at
 from workbench.engine.scoring import Request
 from workbench.measure.distributions import build_requests
 from workbench.study import prompts as P
@@ -306,6 +308,11 @@ class Counter:
     model_s: float = 0.0
     """Seconds inside the model's body and unembedding forwards (the rest of a method's time
     is its own Python work: rendering, tokenization, batching, tables)."""
+    skipped: int = 0
+    """Positions at which the last block's position-wise modules did not run
+    (`workbench.engine.readout.last_block_at`: they run only at the read positions)."""
+    reading: list[int] = field(default_factory=list)
+    """Rows read by the forward under way when the engine's shortcut is on."""
 
 
 @contextlib.contextmanager
@@ -332,11 +339,25 @@ def counting(model: Any) -> Iterator[Counter]:
         if ids is None:
             ids = kwargs["inputs_embeds"][..., 0]
         c.positions += int(ids.numel())
+        if c.reading:  # inside `last_block_at`: those modules run at the read rows (>= 1)
+            c.skipped += int(ids.numel()) - max(c.reading[-1], 1)
 
     def head_pre(_mod: Any, args: tuple[Any, ...]) -> None:
         c.head_rows += int(args[0].numel() // args[0].shape[-1])
 
+    @contextlib.contextmanager
+    def last_block_at(model: Any, rows: torch.Tensor) -> Iterator[bool]:
+        with engine_last_block_at(model, rows) as on:
+            if on:
+                c.reading.append(int(rows.numel()))
+            try:
+                yield on
+            finally:
+                if on:
+                    c.reading.pop()
+
     body, head = model.base_model, model.get_output_embeddings()
+    readout.last_block_at = last_block_at  # the engine calls it by its module-global name
     handles = [
         body.register_forward_pre_hook(body_pre, with_kwargs=True),
         head.register_forward_pre_hook(head_pre),
@@ -349,16 +370,33 @@ def counting(model: Any) -> Iterator[Counter]:
     try:
         yield c
     finally:
+        readout.last_block_at = engine_last_block_at
         for h in handles:
             h.remove()
 
 
-def flop_params(model: Any) -> tuple[int, int]:
-    """(parameters of the body without the input embedding, parameters of the unembedding)."""
+@dataclass(frozen=True)
+class FlopParams:
+    """Parameters that each position fed, or each row read, multiplies by (2 FLOPs each)."""
+
+    body: int
+    """The transformer body without the input embedding."""
+    head: int
+    """The unembedding."""
+    read_only: int
+    """The last block's modules that the engine runs at the read positions only."""
+
+    def flops(self, c: Counter) -> int:
+        """Matmul FLOPs of what a method ran (attention scores ignored)."""
+        return 2 * (self.body * c.positions - self.read_only * c.skipped + self.head * c.head_rows)
+
+
+def flop_params(model: Any) -> FlopParams:
     body = sum(p.numel() for p in model.base_model.parameters())
     body -= model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight.numel()
-    return body, head
+    read_only = sum(p.numel() for m in readout.read_only_modules(model) for p in m.parameters())
+    return FlopParams(body, head, read_only)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import yaml
 from _plain_hf import worst_logprob_error
 
-from workbench.engine.attention import cpu_gqa_attention
+from workbench.engine.attention import engine_attention
 from workbench.engine.models import LoadedModel, load_model
 from workbench.engine.readout import last_block_at
 from workbench.measure.distributions import DistributionConfig
@@ -71,7 +71,7 @@ def test_the_engine_shortcuts_apply_to_gemma3(lm: LoadedModel) -> None:
     switch on for this architecture (so the next test checks them)."""
     cfg = lm.model.config
     assert cfg.model_type == "gemma3_text" and cfg.num_key_value_heads < cfg.num_attention_heads
-    with cpu_gqa_attention(lm.model) as switched:
+    with engine_attention(lm.model) as switched:
         assert switched
     with last_block_at(lm.model, torch.tensor([0])) as changed:
         assert changed

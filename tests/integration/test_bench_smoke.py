@@ -49,6 +49,20 @@ def test_quick_benchmark_methods_agree(bench: ModuleType, tmp_path: Path) -> Non
     # packing the options of a prompt into one row feeds fewer positions than one row each
     rows, packed = report.results["workbench-rows"].count, report.results["workbench"].count
     assert packed.positions < rows.positions and packed.head_rows < rows.head_rows
+    # FLOPs: the baselines run every module everywhere; the workbench's last block skips
+    # its position-wise modules everywhere but at the rows it reads (one row in a pass that
+    # reads nothing)
+    flop = report.model_stats["flop_params"]
+    for name in ("naive", "lm-eval"):
+        c = report.results[name].count
+        assert c.skipped == 0 and not c.reading, name
+        assert report.flops(name) == 2 * (flop.body * c.positions + flop.head * c.head_rows)
+    for name in ("workbench-rows", "workbench"):
+        c = report.results[name].count
+        assert c.positions - c.head_rows - c.forwards <= c.skipped <= c.positions - c.head_rows
+        assert c.skipped > 0 and not c.reading, name
+        assert report.flop_ratio(name) > 1
+        assert report.per_flop(name) * report.flop_ratio(name) == pytest.approx(report.ratio(name))
     # every persona prefix of the study is 100+ tokens, as the workload asks
     assert report.study_stats["min_persona_prefix_tokens"] >= 100
     text = out.read_text(encoding="utf-8")
@@ -108,6 +122,7 @@ def test_quick_matrix_every_cell_exact_and_on_its_path(bench: ModuleType, tmp_pa
         # single-token options: packed and row scoring are one path, so no rows row
         assert ("workbench-rows" in r.results) == (r.cell[1] == "sequence"), r.cell
         assert r.ratio() > 0 and r.per_position() > 0 and r.bound() > r.ratio()
+        assert r.flop_ratio() > 1 and r.per_flop() > 0
     text = out.read_text(encoding="utf-8")
     assert "python -m scripts.bench_distributions --quick --matrix" in text
     assert text.count("| ok |") == 12 and "FAIL" not in text

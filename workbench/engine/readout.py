@@ -3,16 +3,19 @@
 After the last block nothing mixes positions: the final norm and the head act on each
 position alone. So the last block's output is needed only at the positions whose next-token
 distribution is read (a few per row), while its keys and values are needed nowhere after it.
-Of the last block, only the attention over all positions' keys and values must run
-everywhere; its query projection, attention output projection and MLP act position by
-position and run here only at the read positions (zeros elsewhere, which nothing reads).
-A pass that reads nothing (a persona prefix, kept only for its cache) skips them entirely.
+Of the last block, only the key and value projections must run at every position (the read
+queries attend over all of them, and the cache keeps them). Its query projection, attention
+output projection and MLP act position by position and run here only at the read positions
+(zeros elsewhere, which nothing reads); under `sdpa` attention its attention itself is
+computed only for the read queries (`workbench.engine.attention.reads_only`). A pass that
+reads nothing (a persona prefix, kept only for its cache) skips all of them.
 
 Worth about (query + output projection + MLP) / all weights of one block, divided by the
-number of blocks: ~20% of the matmul work of a 4-layer model, ~1% of a 30-layer one. Each
-read position's hidden state is the one the full block gives (tests compare with a plain HF
-forward). Nothing is changed when any forward hook sits on the last block or inside it
-(steering, patching, recording must see every position), or when a module is not found.
+number of blocks: ~20% of the matmul work of a 4-layer model, ~1% of a 30-layer one, plus
+the last block's share of the attention. Each read position's hidden state is the one the
+full block gives (tests compare with a plain HF forward). Nothing is changed when any forward
+hook sits on the last block or inside it (steering, patching, recording must see every
+position), or when a module is not found.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as torch_module
 
-from workbench.engine.attention import cpu_gqa_attention
+from workbench.engine.attention import engine_attention, reads_only
 
 _MLP = ("mlp", "feed_forward")
 _ATTENTION = ("self_attn", "attn", "attention")
@@ -86,30 +89,35 @@ def _at_rows(inner: Callable[..., Any], rows: Tensor) -> Callable[..., Any]:
     return forward
 
 
+def read_only_modules(model: Any) -> list[torch.nn.Module]:
+    """The last block's position-wise modules that `last_block_at` runs at the read positions
+    only (query projection, attention output projection, MLP); empty where none is found."""
+    blocks = decoder_blocks(model)
+    if blocks is None or len(blocks) == 0:
+        return []
+    attention = _child(blocks[-1], _ATTENTION)
+    found = (
+        _child(blocks[-1], _MLP),
+        _child(attention, _QUERY) if attention is not None else None,
+        _child(attention, _OUTPUT) if attention is not None else None,
+    )
+    return [m for m in found if m is not None]
+
+
 @contextmanager
 def last_block_at(model: Any, rows: Tensor) -> Iterator[bool]:
     """Inside the block, the last decoder block's query projection, attention output
     projection and MLP run only at `rows`, flat indices into [batch * positions] of the next
     forward's input (empty: at no position). Yields whether anything was changed."""
+    targets = read_only_modules(model)
     blocks = decoder_blocks(model)
-    if blocks is None or len(blocks) == 0 or _hooked(blocks[-1]):
+    if not targets or blocks is None or _hooked(blocks[-1]):
         yield False
         return
-    block = blocks[-1]
-    attention = _child(block, _ATTENTION)
-    targets = [
-        m
-        for m in (
-            _child(block, _MLP),
-            _child(attention, _QUERY) if attention is not None else None,
-            _child(attention, _OUTPUT) if attention is not None else None,
-        )
-        if m is not None
-    ]
-    if not targets:
-        yield False
-        return
+    attention = _child(blocks[-1], _ATTENTION)
     with ExitStack() as stack:
+        if attention is not None:
+            stack.enter_context(reads_only(attention, rows))
         for m in targets:
             # A forward already set on the instance (accelerate's device hooks) is wrapped
             # and put back on exit.
@@ -130,5 +138,5 @@ def base_forward(model: Any, rows: Tensor, **inputs: Any) -> Any:
     the final hidden states (empty: only the cache is kept), with the engine's exact fast
     paths: the last block at `rows` only, CPU grouped-query attention without copies
     (`workbench.engine.attention`)."""
-    with cpu_gqa_attention(model), last_block_at(model, rows):
+    with engine_attention(model), last_block_at(model, rows):
         return model.base_model(**inputs)
