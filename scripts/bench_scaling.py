@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from workbench.runs import short_git_hash
+
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("distributions", "sampling", "activations")
 
@@ -206,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     command = " ".join(
         ["python -m scripts.bench_scaling", shlex.join(argv if argv is not None else sys.argv[1:])]
     ).strip()
+    code = short_git_hash()  # at the start: the points run the code as it is now
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-scaling-model-") as tmp:
         model_dir = Path(tmp) / "tiny"
@@ -236,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f"Model: tiny random Llama, {args.d_model} hidden x {args.layers} layers, float32 on CPU, "
             f"1 torch thread; {os.cpu_count()} CPU cores; study: short persona, next_token, 5 options "
             "(up to 10,000 prompts: N/10 personas x 10 questions; 100,000: 1,000 x 100); "
-            f"sampling: {args.samples} completions per prompt, at most 4 new tokens"
+            f"sampling: {args.samples} completions per prompt, at most 4 new tokens; git {code}"
         )
         out.write_text(markdown(rows, command, note, png.name), encoding="utf-8")
         print(f"wrote {out} and {png}")

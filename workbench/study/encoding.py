@@ -35,9 +35,23 @@ encoded alone, and BPE (without dropout) gives the same piece the same ids:
 - The post-processor only prepends special tokens (or none), so with special tokens
   encode(C + X) = prefix + pieces before b + encode(C[b:] + X), and the same for C.
 
+A second cut, for contexts that end in an added token or shortly after one (chat prompts:
+"<|im_start|>assistant", or "<|end_header_id|>" itself once the trailing newlines have moved
+to the continuation): b = the end of the context's last added token T, found by the same
+leftmost-longest scan that cuts added tokens out, and confirmed from encode(C) itself: its
+last ids must be T's id followed by encode(C[b:]) (byte-level BPE ids spell their text, so
+the tokenizer cut T out right there). Added tokens are cut out before anything else, and
+each text piece between them is normalized, pre-tokenized and encoded on its own. If no
+added token's occurrence in C + X crosses b or starts at or after it, the cutting of C + X
+decides everything before b as the cutting of C does, so the pieces before b are the same,
+and C[b:] + X is one piece, encoded exactly as the text C[b:] + X alone. T must not strip
+the whitespace after it (`rstrip`) nor match only as a single word: both would let the
+first characters of C[b:] + X decide T's own match. The same identity as above follows,
+with j = len(encode(C)) - len(encode(C[b:])) (C[b:] may be empty).
+
 Everything else (SentencePiece/Metaspace, other patterns, normalizers, BPE dropout,
-post-processors that append tokens, Python-side encoding overrides, contexts without such a
-cut near their end, added tokens near the junction) takes the whole-text path.
+post-processors that append tokens, Python-side encoding overrides, contexts without either
+cut near their end, added tokens across the junction) takes the whole-text path.
 `tests/integration/test_continuation_ids.py` checks both paths agree on randomized texts.
 """
 
@@ -48,7 +62,7 @@ import re
 import string
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -135,9 +149,19 @@ def joint_continuations(
     if rule is None:
         return joint_continuations_whole(tokenizer, joints, add_special)
     cuts: list[int | None] = []
-    for j in joints:
+    after: dict[int, frozenset[int]] = {}
+    """joint index -> ids the token before the tail must have (the second cut)"""
+    last_added: dict[str, tuple[int, frozenset[int]] | None] = {}
+    for i, j in enumerate(joints):
         b = tail_start(j.context)
-        cuts.append(None if b is None or rule.added_near(j.context, b, j.continuation) else b)
+        if b is None or rule.added_near(j.context, b, j.continuation):
+            if j.context not in last_added:
+                last_added[j.context] = rule.last_added(j.context)
+            found = last_added[j.context]
+            b = None
+            if found is not None and rule.clear_after(j.context + j.continuation, found[0]):
+                b, after[i] = found
+        cuts.append(b)
     texts = {j.context[b:] for j, b in zip(joints, cuts, strict=True) if b is not None}
     texts |= {
         j.context[b:] + j.continuation for j, b in zip(joints, cuts, strict=True) if b is not None
@@ -155,6 +179,9 @@ def joint_continuations(
         n_head = len(joint.context_ids) - len(tail_ids)
         if n_head < 0 or list(joint.context_ids[n_head:]) != tail_ids:
             whole.append(i)  # context_ids are not this tokenizer's encoding of the context
+            continue
+        if i in after and (n_head == 0 or joint.context_ids[n_head - 1] not in after[i]):
+            whole.append(i)  # the tokenizer did not cut the added token out right before b
             continue
         # The joint encoding is context_ids[:n_head] + ids; the reference's prefix test on it.
         ids = ids_of[joint.context[b:] + joint.continuation]
@@ -192,15 +219,46 @@ class LocalRule:
     """A tokenizer for which `joint_continuations`' tail split is proven exact."""
 
     added: re.Pattern[str] | None
-    """Matches any added (special or not) token's text; None when there are none."""
+    """Matches any added (special or not) token's text, the longest first at each position
+    (so `finditer` is the tokenizer's leftmost-longest scan); None when there are none."""
     longest: int
     """Length of the longest added token's text."""
+    cut_after: dict[str, frozenset[int]] = field(default_factory=dict)
+    """Added tokens that neither strip the whitespace after them nor match only as a single
+    word, with their ids: a context may be cut right after one (the docstring's second cut)."""
 
     def added_near(self, context: str, b: int, continuation: str) -> bool:
         """Whether an added token's text occurs in context[b - longest:] + continuation."""
         if self.added is None:
             return False
         return self.added.search(context[max(b - self.longest, 0) :] + continuation) is not None
+
+    def last_added(self, context: str) -> tuple[int, frozenset[int]] | None:
+        """The second cut's candidate: (b, the ids of T), with b the end of the last added
+        token T found in the context's last MAX_TAIL + longest characters, where T is in
+        `cut_after` and ends at most MAX_TAIL characters before the context's end."""
+        if self.added is None:
+            return None
+        last = None
+        start = max(len(context) - MAX_TAIL - self.longest, 0)
+        for last in self.added.finditer(context, start):  # noqa: B007 (the last one is kept)
+            pass
+        if last is None or len(context) - last.end() > MAX_TAIL:
+            return None
+        ids = self.cut_after.get(last.group())
+        return None if ids is None else (last.end(), ids)
+
+    def clear_after(self, text: str, b: int) -> bool:
+        """Whether no added token's occurrence in `text` crosses b or starts at or after b."""
+        if self.added is None:
+            return True
+        if self.added.search(text, b) is not None:
+            return False
+        for start in range(max(b - self.longest + 1, 0), b):
+            crossing = self.added.match(text, start)
+            if crossing is not None and crossing.end() > b:
+                return False
+        return True
 
 
 def local_rule(tokenizer: Any, add_special: bool) -> LocalRule | None:
@@ -237,7 +295,14 @@ def local_rule(tokenizer: Any, add_special: bool) -> LocalRule | None:
     if not contents:
         return LocalRule(None, 0)
     ordered = sorted(set(contents), key=len, reverse=True)
-    return LocalRule(re.compile("|".join(map(re.escape, ordered))), len(ordered[0]))
+    ids: dict[str, set[int]] = {}
+    unsafe: set[str] = set()
+    for token_id, token in backend.get_added_tokens_decoder().items():
+        ids.setdefault(token.content, set()).add(token_id)
+        if token.rstrip or token.single_word:
+            unsafe.add(token.content)
+    cut_after = {c: frozenset(i) for c, i in ids.items() if c not in unsafe}
+    return LocalRule(re.compile("|".join(map(re.escape, ordered))), len(ordered[0]), cut_after)
 
 
 def _local_pre_tokenizer(spec: dict[str, Any]) -> bool:
