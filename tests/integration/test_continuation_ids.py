@@ -83,14 +83,28 @@ def random_joints(tokenizer: Any, add_special: bool, seed: int, n: int = 300) ->
         if i % 3 == 0:
             text += rng.choice(["\nAnswer:", "\nAnswer: ", "Answer:\n", " (A/B)?", " Rate 1-7:"])
         texts.append(text)
+    return joints_of(tokenizer, texts, add_special, rng, 6, random_too=True)
+
+
+def joints_of(
+    tokenizer: Any,
+    texts: list[str],
+    add_special: bool,
+    rng: random.Random,
+    n_surfaces: int,
+    random_too: bool = False,
+) -> list[Joint]:
+    """Each text stripped as `continuation_ids_many` strips it (the whitespace moves to the
+    continuation), with `n_surfaces` of SURFACES and, `random_too`, a random continuation."""
     contexts = [t.rstrip() for t in texts]
     ids = encoding.encode(tokenizer, contexts, add_special)
     joints = []
     for text, ctx, ctx_ids in zip(texts, contexts, ids, strict=True):
         moved = text[len(ctx) :]
-        for surface in rng.sample(SURFACES, 6):
+        for surface in rng.sample(SURFACES, n_surfaces):
             joints.append(Joint(ctx, tuple(ctx_ids), moved + surface))
-        joints.append(Joint(ctx, tuple(ctx_ids), moved + random_text(rng, rng.randint(1, 4))))
+        if random_too:
+            joints.append(Joint(ctx, tuple(ctx_ids), moved + random_text(rng, rng.randint(1, 4))))
     return joints
 
 
@@ -109,14 +123,7 @@ def chat_joints(tokenizer: Any, add_special: bool, seed: int, n: int = 200) -> l
     """Contexts ending in or shortly after an added token, as chat templates end."""
     rng = random.Random(seed)
     texts = [random_text(rng, rng.randint(0, 30)) + rng.choice(CHAT_ENDINGS) for _ in range(n)]
-    contexts = [t.rstrip() for t in texts]
-    ids = encoding.encode(tokenizer, contexts, add_special)
-    joints = []
-    for text, ctx, ctx_ids in zip(texts, contexts, ids, strict=True):
-        moved = text[len(ctx) :]
-        for surface in rng.sample(SURFACES, 5):
-            joints.append(Joint(ctx, tuple(ctx_ids), moved + surface))
-    return joints
+    return joints_of(tokenizer, texts, add_special, rng, 5)
 
 
 def second_cut(rule: Any, joint: Joint) -> bool:
