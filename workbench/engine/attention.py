@@ -127,8 +127,9 @@ def engine_sdpa(
     picked = query.gather(2, at[:, None, :, None].expand(batch, heads, n_read, dim))
     if attention_mask is not None:
         mask = attention_mask.expand(batch, -1, -1, -1)
-        index = at[:, None, :, None].expand(batch, mask.shape[1], n_read, mask.shape[-1])
-        mask = mask.gather(2, index)
+        if mask.shape[2] != 1:  # one row per query (else broadcast over the queries)
+            index = at[:, None, :, None].expand(batch, mask.shape[1], n_read, mask.shape[-1])
+            mask = mask.gather(2, index)
     else:
         # transformers gives no mask only for causal attention without padding, where every
         # query sees the keys up to its own position (the cache comes first)
