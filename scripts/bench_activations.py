@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.interp import activations as A
     from workbench.organism.build import build_organism
     from workbench.organism.world import render_texts
-    from workbench.runs import git_hash, versions
+    from workbench.runs import short_git_hash, versions
+
+    code = short_git_hash()  # at the start: the code the run uses
     from workbench.study import prompts as P
     from workbench.study.load import load_study
     from workbench.tiny import build_tiny_model
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `python -m scripts.bench_activations {' '.join(argv or sys.argv[1:])}`".rstrip(),
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {os.cpu_count()} CPU cores, torch and BLAS threads {args.threads}; 1-min load average {load_before:.2f} before, {load_after:.2f} after",
-        f"- Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer-lens']}, workbench {v['workbench']}; git {git_hash()}",
+        f"- Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer-lens']}, workbench {v['workbench']}; git {code}",
         f"- Model: {model_desc} ({sum(p.numel() for p in lm.model.parameters()):,} parameters, float32, cpu)",
         f"- Prompts: {len(prompts)} organism rating prompts, {n_tokens:,} tokens, batch size {args.batch_size}; sites: hook_embed + {n_layers} x blocks.*.hook_resid_post; positions: answer + 7 factor spans x (mean, last) = {kept / len(prompts):.1f} kept per prompt",
         f"- Best of {args.repeats} interleaved repeats after a warm-up (s): "

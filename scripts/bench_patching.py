@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from workbench.interp import readers as readers_mod
     from workbench.interp.pairs import factor_pairs
     from workbench.organism.build import build_organism
-    from workbench.runs import git_hash, versions
+    from workbench.runs import short_git_hash, versions
+
+    code = short_git_hash()  # at the start: the code the run uses
     from workbench.study import prompts as P
     from workbench.study.load import load_study
     from workbench.study.spans import factor_spans
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"- Command: `python -m scripts.bench_patching {cmd}`".rstrip(),
         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {os.cpu_count()} CPU cores, torch threads {args.threads}; 1-min load average {load_before:.2f} before, {load_after:.2f} after",
-        f"- Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer-lens']}; git {git_hash()}",
+        f"- Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer-lens']}; git {code}",
         f"- Model: the {args.scale} model organism ({n_layers} layers, d_model {lm.model.config.hidden_size}, {sum(p.numel() for p in lm.model.parameters()):,} parameters, float32, cpu)",
         f"- Grid: {len(pairs)} actor pairs (rating) x {len(sites)} sites x span_last, denoising = {n_rows} patched forwards; batch size {args.batch_size}",
         f"- Best of {args.repeats} interleaved repeats after a warm-up (s): "

@@ -61,6 +61,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from workbench.runs import short_git_hash
+
 OUT = Path("results/benchmarks/sampling_cpu.md")
 
 
@@ -334,6 +336,7 @@ def two_sample_floor(
 def main(argv: list[str] | None = None) -> Report:
     command = argv if argv is not None else sys.argv[1:]
     args = parse_args(command)
+    code = short_git_hash()  # at the start: the code the run uses
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> Report:
             f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
             f"1-min load average {load_before:.2f} before, {load_after:.2f} after",
-            f"- Versions: python {platform.python_version()}, torch {versions['torch']}, transformers {versions['transformers']}",
+            f"- Versions: python {platform.python_version()}, torch {versions['torch']}, transformers {versions['transformers']}; git {code}",
             f"- Model: the model organism (scale `{args.scale}`; it was retrained since the table of "
             f"2026-11-26, whose organism had 193,472 parameters): Llama, {cfg.hidden_size} hidden, {cfg.num_hidden_layers} layers, "
             f"vocab {cfg.vocab_size}, {sum(p.numel() for p in lm.model.parameters()):,} parameters, float32 on {lm.device}",

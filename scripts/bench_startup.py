@@ -24,6 +24,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from workbench.runs import short_git_hash
+
 STUDY = Path(__file__).resolve().parents[1] / "probes" / "example.yaml"
 HEAVY = ("torch", "transformers", "transformer_lens", "pandas")
 PROBE = (
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="results/benchmarks/startup_cpu.md")
     args = parser.parse_args(argv)
+    code = short_git_hash()  # at the start: the code the run uses
     load = os.getloadavg()[0]
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
     imported: dict[str, list[str]] = {}
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             "# Startup benchmark: the CLI against `import torch`",
             "",
             f"- Command: `{command}`",
-            f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; git {code}",
             f"- Machine: {os.cpu_count()} CPU cores, {platform.machine()}; 1-min load average "
             f"{load:.2f} before, {os.getloadavg()[0]:.2f} after",
             f"- Python {platform.python_version()}; each command in a fresh interpreter, "

@@ -29,6 +29,7 @@ from pathlib import Path
 from workbench.compare.comparison import CompareConfig, compare, write_comparison
 from workbench.compare.human import load_human
 from workbench.compare.synthetic import SurveyShape, make_survey, write_model_runs, write_survey
+from workbench.runs import short_git_hash
 from workbench.study.load import load_study
 
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--report", action="store_true", help="also time report.html")
     parser.add_argument("--out", default="results/benchmarks/survey_cpu.md")
     args = parser.parse_args(argv)
+    code = short_git_hash()  # at the start: the code the run uses
     shape = (
         SurveyShape(n_questions=60, n_rows=20_000, questions_per_respondent=30)
         if args.quick
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> str:
         "# Survey benchmark: `workbench compare` at OpinionQA's scale (synthetic survey)",
         "",
         f"- Command: `{command}`",
-        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; git {code}",
         f"- Machine: {os.cpu_count()} CPU cores, {platform.machine()}; 1-min load average "
         f"{load:.2f} before, {os.getloadavg()[0]:.2f} after; Python {platform.python_version()}",
         f"- Survey: {shape.n_questions:,} questions (2 to 11 options + 2 refusal options, a third "
