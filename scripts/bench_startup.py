@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="results/benchmarks/startup_cpu.md")
     args = parser.parse_args(argv)
-    code = short_git_hash()  # at the start: the code the run uses
+    commit = short_git_hash()  # at the start: the code the run uses
     load = os.getloadavg()[0]
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
     imported: dict[str, list[str]] = {}
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             "# Startup benchmark: the CLI against `import torch`",
             "",
             f"- Command: `{command}`",
-            f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; git {code}",
+            f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; git {commit}",
             f"- Machine: {os.cpu_count()} CPU cores, {platform.machine()}; 1-min load average "
             f"{load:.2f} before, {os.getloadavg()[0]:.2f} after",
             f"- Python {platform.python_version()}; each command in a fresh interpreter, "

@@ -70,9 +70,11 @@ TRACKED_PACKAGES = (
 )
 
 
-def git_hash() -> str | None:
-    """The workbench checkout's commit (with `-dirty` when it has local changes), if any."""
-    root = Path(__file__).resolve().parent.parent
+def git_hash(root: Path | None = None) -> str | None:
+    """The workbench checkout's commit (with `-dirty` when it has local changes), if any
+    (`root`: another checkout). Changes under `results/` (committed reports, outputs of the
+    benchmarks) are not code: they do not make the checkout dirty."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
@@ -80,7 +82,17 @@ def git_hash() -> str | None:
         if rev.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)results",
+            ],
             capture_output=True,
             text=True,
             timeout=5,
