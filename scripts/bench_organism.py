@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--determinism", action="store_true", help="build twice, compare hashes")
     parser.add_argument("--write", type=Path, help="also write the table as markdown here")
     args = parser.parse_args()
+    commit = short_git_hash()  # at the start: the code the builds use
     load_before = os.getloadavg()[0]
 
     columns = {
@@ -119,7 +120,7 @@ def main() -> None:
             "# Model organism build benchmark",
             "",
             f"`python -m scripts.bench_organism {' '.join(sys.argv[1:])}` on {machine}.",
-            f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; git {short_git_hash()}; "
+            f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; git {commit}; "
             f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
             "(build times are wall clock: compare the CPU time beside them on a loaded machine).",
             "JS = Jensen-Shannon distance (base 2) to truth.parquet; TV = total variation.",
