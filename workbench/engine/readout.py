@@ -93,11 +93,13 @@ def read_only_modules(model: Any) -> list[torch.nn.Module]:
     """The last block's position-wise modules that `last_block_at` runs at the read positions
     only (query projection, attention output projection, MLP); empty where none is found."""
     blocks = decoder_blocks(model)
-    if blocks is None or len(blocks) == 0:
-        return []
-    attention = _child(blocks[-1], _ATTENTION)
+    return _read_only(blocks[-1]) if blocks else []
+
+
+def _read_only(block: torch.nn.Module) -> list[torch.nn.Module]:
+    attention = _child(block, _ATTENTION)
     found = (
-        _child(blocks[-1], _MLP),
+        _child(block, _MLP),
         _child(attention, _QUERY) if attention is not None else None,
         _child(attention, _OUTPUT) if attention is not None else None,
     )
@@ -109,8 +111,8 @@ def last_block_at(model: Any, rows: Tensor) -> Iterator[bool]:
     """Inside the block, the last decoder block's query projection, attention output
     projection and MLP run only at `rows`, flat indices into [batch * positions] of the next
     forward's input (empty: at no position). Yields whether anything was changed."""
-    targets = read_only_modules(model)
     blocks = decoder_blocks(model)
+    targets = _read_only(blocks[-1]) if blocks else []
     if not targets or blocks is None or _hooked(blocks[-1]):
         yield False
         return

@@ -33,7 +33,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from workbench.engine.packing import (
     PackedRow,
-    attention_window,
+    fits_window,
     pack_request,
     packed_mask,
     run_prefixes,
@@ -166,9 +166,8 @@ def score_requests(
     for r in requests:
         groups.setdefault(r.group, []).append(r)
     mask_kind = _custom_mask_kind(model) if config.pack_options else None
-    window = attention_window(model.config)
     longest = max((len(r.context) + max(map(len, r.continuations)) for r in requests), default=0)
-    if window is not None and longest > window:
+    if not fits_window(model.config, longest):
         mask_kind = None  # one 4D mask cannot express a window: the row path is exact
     if mask_kind is None:
         for reqs in groups.values():

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from workbench.engine.models import LoadedModel
-from workbench.engine.packing import attention_window
+from workbench.engine.packing import fits_window
 from workbench.measure.answers import Parsed, option_surfaces
 from workbench.measure.decoding import (
     KINDS,
@@ -222,10 +222,9 @@ def forced_slots(
         # The cached rows put pads between a prompt and its continuation, and transformers
         # builds a sliding window from cache indices, not positions: past the model's
         # attention window only whole sequences are exact.
-        window = attention_window(lm.model.config)
         longest = max(len(plans[k[0]].prompt.input_ids) + len(k[1]) + len(k[2]) for k in keys)
         prefix, cached_keys = None, keys
-        if window is None or longest <= window:
+        if fits_window(lm.model.config, longest):
             prefix = records.prefix if records is not None else None
             if prefix is None:
                 wanted = sorted({k[0] for k in keys})
