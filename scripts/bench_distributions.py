@@ -122,6 +122,7 @@ from scripts.bench_distributions_setup import (
     flop_params,
     make_workload,
     resolve_dtype,
+    shape_flop_params,
     study_dict,
     sub_study,
 )
@@ -399,7 +400,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[BenchRepo
             )
             return []
         hflm = make_hflm(lm, args.batch_size)
-        model_stats = {"describe": describe, "flop_params": flop}
+        model_stats = {
+            "describe": describe,
+            "flop_params": flop,
+            "flop_params_8b": shape_flop_params("llama3-8b"),
+        }
         for cell in cells:
             reports.append(run_cell(args, lm, hflm, cell, methods, model_stats))
     text = markdown_matrix(reports, command) if args.matrix else markdown(reports[0], command)

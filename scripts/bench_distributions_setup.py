@@ -399,6 +399,16 @@ def flop_params(model: Any) -> FlopParams:
     return FlopParams(body, head, read_only)
 
 
+def shape_flop_params(shape: str) -> FlopParams:
+    """`flop_params` of a named shape, read off a model built on the meta device (no memory, no
+    weights): the same positions and reads, priced at that shape's parameter counts."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]))
+    return flop_params(model)
+
+
 # --------------------------------------------------------------------------------------------
 # one workload's requests
 

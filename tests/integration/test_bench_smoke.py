@@ -63,6 +63,18 @@ def test_quick_benchmark_methods_agree(bench: ModuleType, tmp_path: Path) -> Non
         assert c.skipped > 0 and not c.reading, name
         assert report.flop_ratio(name) > 1
         assert report.per_flop(name) * report.flop_ratio(name) == pytest.approx(report.ratio(name))
+    # the same counts priced at Llama-3-8B's parameters, counted here from its config by hand
+    d, kv, ff, layers, vocab = 4096, 1024, 14336, 32, 128256
+    big = report.model_stats["flop_params_8b"]
+    assert big.read_only == 2 * d * d + 3 * d * ff  # q and o projections, MLP
+    assert big.body == layers * (2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d) + d
+    assert big.head == vocab * d
+    by_hand = {
+        name: 2 * (big.body * c.positions - big.read_only * c.skipped + big.head * c.head_rows)
+        for name, c in ((n, report.results[n].count) for n in ("lm-eval", "workbench"))
+    }
+    assert report.flop_ratio_8b() == pytest.approx(by_hand["lm-eval"] / by_hand["workbench"])
+    assert report.flop_ratio_8b() > 1
     # every persona prefix of the study is 100+ tokens, as the workload asks
     assert report.study_stats["min_persona_prefix_tokens"] >= 100
     text = out.read_text(encoding="utf-8")
@@ -122,8 +134,9 @@ def test_quick_matrix_every_cell_exact_and_on_its_path(bench: ModuleType, tmp_pa
         # single-token options: packed and row scoring are one path, so no rows row
         assert ("workbench-rows" in r.results) == (r.cell[1] == "sequence"), r.cell
         assert r.ratio() > 0 and r.per_position() > 0 and r.bound() > r.ratio()
-        assert r.flop_ratio() > 1 and r.per_flop() > 0
+        assert r.flop_ratio() > 1 and r.per_flop() > 0 and r.flop_ratio_8b() > 1
     text = out.read_text(encoding="utf-8")
+    assert "at Llama-3-8B shape" in text
     assert "python -m scripts.bench_distributions --quick --matrix" in text
     assert text.count("| ok |") == 12 and "FAIL" not in text
 
