@@ -445,7 +445,7 @@ def markdown_matrix(reports: list[BenchReport], command: str) -> str:
         "`speed vs lm-eval`: lm-eval's best time / the workbench's (the whole call: rendering, tokenization, "
         "scoring, tables); `(medians)`: the same from the median times. `per position`: positions fed per second, workbench / lm-eval (what the speed would be "
         "at equal positions fed). `at Llama-3-8B shape`: the FLOPs each method ran in this cell (the same positions fed, rows "
-        "unembedded and last-block positions skipped) priced at Llama-3-8B's parameter counts (body, unembedding and last-block "
+        "unembedded and last-block positions skipped, with this benchmark's tokenizer) priced at Llama-3-8B's parameter counts (body, unembedding and last-block "
         "parameters read off a model built on the meta device): on a model that size, where the matmuls dominate and run about "
         "equally fast for both, it is the speed to expect. It is lower than this tiny model's ratio because here the "
         "unembedding, which lm-eval runs at every position, and the last block, which the workbench skips, are larger "
