@@ -179,13 +179,13 @@ class BenchReport:
         a, b = self.results[name], self.results["lm-eval"]
         return (a.count.positions / a.best) / (b.count.positions / b.best)
 
-    def flops(self, name: str) -> int:
-        """Matmul FLOPs `name` ran (`FlopParams.flops`)."""
-        return int(self.model_stats["flop_params"].flops(self.results[name].count))
+    def flops(self, name: str, at: str = "flop_params") -> int:
+        """Matmul FLOPs `name` ran (`FlopParams.flops`), priced with `model_stats[at]`."""
+        return int(self.model_stats[at].flops(self.results[name].count))
 
-    def flop_ratio(self, name: str = "workbench") -> float:
+    def flop_ratio(self, name: str = "workbench", at: str = "flop_params") -> float:
         """lm-eval's FLOPs / `name`'s: `name`'s speed if both ran their FLOPs equally fast."""
-        return self.flops("lm-eval") / self.flops(name)
+        return self.flops("lm-eval", at) / self.flops(name, at)
 
     def per_flop(self, name: str = "workbench") -> float:
         """FLOPs per second of `name` against lm-eval's (speed / FLOP ratio)."""
@@ -195,8 +195,7 @@ class BenchReport:
         """`flop_ratio` with the same positions fed, rows read and positions skipped, priced
         at Llama-3-8B's parameter counts: the speed to expect on a model that size, where
         matmuls dominate and run about equally fast for both."""
-        params = self.model_stats["flop_params_8b"]
-        return params.flops(self.results["lm-eval"].count) / params.flops(self.results[name].count)
+        return self.flop_ratio(name, "flop_params_8b")
 
 
 def study_stats(w: Workload) -> dict[str, float]:
