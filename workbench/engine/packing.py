@@ -179,19 +179,24 @@ def packed_mask(rows: Sequence[PackedRow], prefix_lengths: Sequence[int], width:
     n_prefix = max(prefix_lengths) (the cache width) and row b's own prefix has
     `prefix_lengths[b]` real tokens."""
     n_prefix = max(prefix_lengths, default=0)
-    allowed = torch.zeros((len(rows), width, n_prefix + width), dtype=torch.bool)
-    causal = torch.ones((width, width), dtype=torch.bool).tril_()
+    n = torch.tensor([len(row.tokens) for row in rows])
+    context = torch.tensor([row.n_context for row in rows])
+    at = torch.arange(width)
+    real = at[None, :] < n[:, None]  # [batch, query]
+    # Every real token sees its own prefix's real tokens.
+    sees_prefix = torch.arange(n_prefix)[None, :] < torch.tensor(list(prefix_lengths))[:, None]
+    prefix_part = real[:, :, None] & sees_prefix[:, None, :]
+    # Context tokens see the context causally; pads see only themselves (no row is fully
+    # masked, which would give NaN, and no real token ever sees a pad).
+    in_context = at[None, :] < context[:, None]
+    causal = at[:, None] >= at[None, :]
+    own = (in_context[:, :, None] & in_context[:, None, :] & causal) | (
+        (~real[:, :, None]) & torch.eye(width, dtype=torch.bool)
+    )
+    # Tree tokens see what their parent sees, and themselves.
     for b, row in enumerate(rows):
-        n = len(row.tokens)
-        allowed[b, :n, : prefix_lengths[b]] = True
-        own = allowed[b, :, n_prefix:]
         c = row.n_context
-        own[:c, :c] = causal[:c, :c]
-        for i in range(c, n):
-            own[i] = own[row.parents[i - c]]
-            own[i, i] = True
-        # Pads see only themselves: no row is fully masked (which would give NaN), and no
-        # real token ever sees a pad.
-        idx = torch.arange(n, width)
-        own[idx, idx] = True
-    return allowed[:, None]
+        for i in range(c, len(row.tokens)):
+            own[b, i] = own[b, row.parents[i - c]]
+            own[b, i, i] = True
+    return torch.cat([prefix_part, own], dim=2)[:, None]

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +36,13 @@ from workbench.measure.distribution_tables import (
     position_bias,
     summarize,
 )
-from workbench.runs import FULL_VOCAB, MANIFEST, RunFolder, announce_resume, retry_on_oom
+from workbench.runs import (
+    FULL_VOCAB,
+    MANIFEST,
+    RunFolder,
+    announce_resume,
+    retry_on_oom,
+)
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
@@ -101,26 +108,34 @@ def build_requests(
     study: Study, lm: LoadedModel, prompts: list[P.Prompt]
 ) -> tuple[list[Request], pd.DataFrame]:
     """Engine requests and the `variants` skeleton (one row per scored continuation)."""
-    targets = [(prompt, t) for prompt in prompts for t in P.option_targets(study, prompt)]
-    all_ids = P.continuation_ids_many(lm.tokenizer, study, [(p, t.surface) for p, t in targets])
+    # A prompt's targets depend only on its question, option order and moved whitespace:
+    # one list per distinct combination, not one per prompt.
+    per_prompt = [P.option_targets(study, p) for p in prompts]
+    flat = [t for targets in per_prompt for t in targets]
+    all_ids = P.continuation_ids_many(
+        lm.tokenizer,
+        study,
+        [(p, t.surface) for p, targets in zip(prompts, per_prompt, strict=True) for t in targets],
+    )
     requests = []
-    conts: list[tuple[int, ...]] = []
-    for i, ((prompt, _), ids) in enumerate(zip(targets, all_ids, strict=True)):
-        conts.append(tuple(ids))
-        if i + 1 == len(targets) or targets[i + 1][0] is not prompt:
-            requests.append(
-                Request(prompt.prompt_id, prompt.input_ids, tuple(conts), group=prompt.persona_id)
-            )
-            conts = []
+    k = 0
+    for prompt, targets in zip(prompts, per_prompt, strict=True):
+        n = len(targets)
+        conts = tuple(tuple(ids) for ids in all_ids[k : k + n])
+        requests.append(Request(prompt.prompt_id, prompt.input_ids, conts, group=prompt.persona_id))
+        k += n
     skeleton = pd.DataFrame(
         {
-            "prompt_id": [p.prompt_id for p, _ in targets],
-            "option_id": [t.option_id for _, t in targets],
-            "label": [t.label for _, t in targets],
-            "position": [t.position for _, t in targets],
-            "is_refusal": [t.is_refusal for _, t in targets],
-            "variant": [t.variant for _, t in targets],
-            "continuation": [t.continuation for _, t in targets],
+            "prompt_id": np.repeat(
+                np.asarray([p.prompt_id for p in prompts], dtype=np.int64),
+                [len(t) for t in per_prompt],
+            ),
+            "option_id": [t.option_id for t in flat],
+            "label": [t.label for t in flat],
+            "position": [t.position for t in flat],
+            "is_refusal": [t.is_refusal for t in flat],
+            "variant": [t.variant for t in flat],
+            "continuation": [t.continuation for t in flat],
             "token_ids": all_ids,
         }
     )

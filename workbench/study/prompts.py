@@ -13,6 +13,7 @@ Traps handled here (docs/MEASUREMENT.md §2):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -105,8 +106,9 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return template.format_map(values)
 
 
-def _names(template: str) -> set[str]:
-    return {n for _, n, _, _ in string.Formatter().parse(template) if n}
+@functools.lru_cache(maxsize=1024)
+def _names(template: str) -> frozenset[str]:
+    return frozenset(n for _, n, _, _ in string.Formatter().parse(template) if n)
 
 
 def persona_text(study: Study, cell: Cell) -> str:
@@ -141,8 +143,9 @@ def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
     """All prompts of a study, in a deterministic order, with their exact token ids."""
     # Render every text first, then tokenize them in one batched call (the per-prompt calls
     # cost more than the rendering); the ids are the same as one call per text.
-    pending: list[tuple[Question, Cell, int, tuple[int, ...], str, str]] = []
+    pending: list[tuple[Question, Cell, int, tuple[int, ...], str, str, str]] = []
     seen: set[tuple[str, str, tuple[str | None, ...], int]] = set()
+    personas: dict[tuple[str | None, ...], tuple[str, str]] = {}
     persona_names = set(study.persona_factors)
     for question in study.questions:
         q_factors = question_factors(study, question)
@@ -156,21 +159,28 @@ def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
                 f.name: (cell[f.name] if f.name in relevant else None) for f in study.factors
             }
             key_vals = tuple(reduced[f.name] for f in study.factors)
+            # persona id and text depend only on the reduced cell: once per distinct one
+            persona = personas.get(key_vals)
+            if persona is None:
+                persona = personas[key_vals] = (
+                    persona_id(study, reduced),
+                    persona_text(study, reduced),
+                )
             for perm_i, order in enumerate(orders):
-                key = (question.id, persona_id(study, cell), key_vals, perm_i)
+                key = (question.id, persona[0], key_vals, perm_i)
                 if key in seen:
                     continue
                 seen.add(key)
-                text = _render_text(study, question, reduced, order, tokenizer)
+                text = _render_text(study, question, reduced, order, tokenizer, persona[1])
                 # Under sequence scoring the context is fed without its trailing whitespace,
                 # which moves to the continuation (see `continuation_ids`).
                 fed = text.rstrip() if study.scoring.method == "sequence" else text
-                pending.append((question, reduced, perm_i, order, text, fed))
+                pending.append((question, reduced, perm_i, order, text, fed, persona[0]))
     all_ids = _encode_prompts(study, [p[5] for p in pending], tokenizer)
     return [
         Prompt(
             prompt_id=i,
-            persona_id=persona_id(study, reduced),
+            persona_id=pid,
             question_id=question.id,
             permutation=perm_i,
             order=order,
@@ -179,7 +189,7 @@ def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
             input_ids=tuple(ids),
             answer_offset=len(text),
         )
-        for i, ((question, reduced, perm_i, order, text, _), ids) in enumerate(
+        for i, ((question, reduced, perm_i, order, text, _, pid), ids) in enumerate(
             zip(pending, all_ids, strict=True)
         )
     ]
@@ -191,7 +201,9 @@ def _render_text(
     cell: Cell,
     order: tuple[int, ...],
     tokenizer: PreTrainedTokenizerBase,
+    persona: str | None = None,
 ) -> str:
+    """The prompt's text; `persona`: `persona_text(study, cell)` where the caller has it."""
     t = study.template
     values = {k: v for k, v in cell.items() if v is not None}
     all_options = question.all_options
@@ -207,7 +219,7 @@ def _render_text(
         )
     fields = {
         **values,
-        "persona": persona_text(study, cell),
+        "persona": persona_text(study, cell) if persona is None else persona,
         "question": _fill(question.text, values),
         "options": t.option_separator.join(lines),
         "labels": ", ".join(labels),
@@ -247,11 +259,25 @@ def _encode_prompts(
 
 def option_targets(study: Study, prompt: Prompt) -> list[OptionTarget]:
     """Every (option, variant) continuation scored for a prompt."""
-    question = next(q for q in study.questions if q.id == prompt.question_id)
-    all_options = question.all_options
     moved = prompt.text[len(prompt.text.rstrip()) :] if study.scoring.method == "sequence" else ""
+    return list(_targets(study, prompt.question_id, prompt.order, moved))
+
+
+def _targets(
+    study: Study, question_id: str, order: tuple[int, ...], moved: str
+) -> tuple[OptionTarget, ...]:
+    """`option_targets` of every prompt of one question, order and moved whitespace (cached
+    on the study: a grid repeats them once per persona)."""
+    cache: dict[tuple[str, tuple[int, ...], str], tuple[OptionTarget, ...]]
+    cache = study.__dict__.setdefault("_option_targets", {})
+    key = (question_id, order, moved)
+    found = cache.get(key)
+    if found is not None:
+        return found
+    question = study.question_by_id[question_id]
+    all_options = question.all_options
     out = []
-    for pos, opt in enumerate(prompt.order):
+    for pos, opt in enumerate(order):
         label = question.label_at(pos, all_options[opt])
         target = label if study.scoring.target == "label" else all_options[opt]
         for v_i, variant in enumerate(study.scoring.variants):
@@ -267,7 +293,8 @@ def option_targets(study: Study, prompt: Prompt) -> list[OptionTarget]:
                     continuation=moved + surface,
                 )
             )
-    return out
+    cache[key] = found = tuple(out)
+    return found
 
 
 def continuation_ids(

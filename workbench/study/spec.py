@@ -9,6 +9,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 Cell = dict[str, str | None]
@@ -157,6 +158,11 @@ class Study:
     def factor(self, name: str) -> Factor:
         return next(f for f in self.factors if f.name == name)
 
-    @property
+    # Derived from the frozen fields, so computed once per study (rendering asks per prompt).
+    @cached_property
     def persona_factors(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.factors if f.role == "persona")
+
+    @cached_property
+    def question_by_id(self) -> Mapping[str, Question]:
+        return {q.id: q for q in self.questions}
