@@ -90,6 +90,31 @@ def test_refusals_and_unparseable(text: str, status: str, option: int | None) ->
     assert (got.status, got.option_id) == (status, option)
 
 
+def test_builtin_refusal_phrases_match_as_one_pattern_as_they_do_one_by_one() -> None:
+    import re
+
+    from workbench.measure.answers import _BUILTIN_REFUSAL, REFUSAL_PHRASES
+
+    texts = [
+        " As an AI, I don't have personal opinions.",
+        " I cannot answer that question.",
+        " i won't choose",
+        " I'd prefer not to say.",
+        " I am not comfortable answering",
+        " As a language model I",
+        " I do not have views on this",
+        " I'm unable to decide",
+        " I can answer that: B",
+        " as anything goes",
+        " I choose A",
+        " not able to",
+        "",
+    ]
+    one_by_one = [any(re.search(p, t, re.IGNORECASE) for p in REFUSAL_PHRASES) for t in texts]
+    assert [bool(_BUILTIN_REFUSAL.search(t)) for t in texts] == one_by_one
+    assert 4 <= sum(one_by_one) < len(texts)  # both kinds of text are in the list
+
+
 def test_pronoun_and_article_are_not_labels() -> None:
     many = Question("q", "t", tuple(f"o{i}" for i in range(10)), (), tuple("ABCDEFGHIJ"), None)
     p = parser(many)

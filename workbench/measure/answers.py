@@ -51,6 +51,7 @@ REFUSAL_PHRASES = (
     r"\bnot\s+(?:comfortable|able)\s+(?:answering|to\s+answer)",
 )
 """Built-in refusal phrases (case-insensitive); the study adds its own in `refusal_patterns`."""
+_BUILTIN_REFUSAL = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PHRASES), re.IGNORECASE)
 
 _LEAD = (
     r"(?i:\b(?:answer|choice|option|rating|response|pick|choose|chose|select|selected|"
@@ -159,8 +160,11 @@ class AnswerParser:
         self._start = re.compile(r"\A\s*" + _OPEN + strong)
         self._mention = re.compile(r"(?<![\w'’])(?<!\d\.)" + f"(?P<answer>{alt}){_BOUNDARY}")
         self._custom = re.compile(spec.pattern) if spec.pattern else None
+        # The built-in phrases as one alternation (one search instead of five); the study's
+        # own patterns stay separate, so their group numbers and flags mean what they wrote.
         self._refusal = [
-            re.compile(p, re.IGNORECASE) for p in (*REFUSAL_PHRASES, *spec.refusal_patterns)
+            _BUILTIN_REFUSAL,
+            *(re.compile(p, re.IGNORECASE) for p in spec.refusal_patterns),
         ]
 
     def resolve(self, written: str) -> Surface | None:
