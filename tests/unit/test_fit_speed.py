@@ -193,6 +193,30 @@ def test_benchmark_probe_rows(bench: ModuleType) -> None:
     assert "not run" in text
 
 
+def test_probe_gate_allows_the_float32_floor_and_no_more(bench: ModuleType) -> None:
+    """The default must match converged scikit-learn within 0.004 accuracy, or within what
+    the workbench itself reaches at tol 1e-6 (float32 vs float64 at the optimum) if larger."""
+    base = np.full((1, 3, 2), 0.8)
+
+    def sides(default: float, converged: float) -> dict[str, Any]:
+        acc = {"sklearn@0.0001": 0.79, "sklearn@1e-06": 0.8, "torch@0.0001": 0.8}
+        acc |= {"torch@1e-05": default, "torch@1e-06": converged}
+        out = {}
+        for name, a in acc.items():
+            side = bench.ProbeSide(name, float(name.split("@")[1]), times=[1.0])
+            side.acc = base.copy()
+            side.acc[0, 1, 1] = a  # one (target, fold, layer) differs
+            side.r2 = np.zeros((1, 3, 2))
+            out[name] = side
+        return out
+
+    assert bench.probe_table(sides(0.803, 0.8), "cpu", "p")[1]  # within 0.004
+    assert not bench.probe_table(sides(0.806, 0.8), "cpu", "p")[1]
+    assert bench.probe_table(sides(0.8078, 0.8078), "cpu", "p")[1]  # at the float32 floor
+    rows, ok = bench.probe_table(sides(0.815, 0.8078), "cpu", "p")  # beyond it
+    assert not ok and "float32 floor" in rows[-1] and "0.0078" in rows[-1]
+
+
 def _objective(X: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
     """scikit-learn's multinomial objective (mean NLL + |W_std|² / (2 C n), C = 1) of raw
     weights [d, k], bias [k], in float64."""
