@@ -150,6 +150,19 @@ def test_text_target_scores_option_texts(llama_tokenizer: Any) -> None:
     ]
 
 
+def test_option_targets_are_the_study_s_own_after_replace(llama_tokenizer: Any) -> None:
+    """Targets are cached per study; a study derived with `dataclasses.replace` gets its own."""
+    import dataclasses
+
+    study = study_with(scoring={"method": "sequence"})
+    prompt = next(p for p in render(study, llama_tokenizer) if p.question_id == "like")
+    first = option_targets(study, prompt)
+    assert option_targets(study, prompt) == first  # the cached ones, as a fresh list
+    bare = dataclasses.replace(study, scoring=dataclasses.replace(study.scoring, variants=("{}",)))
+    assert [t.surface for t in option_targets(bare, prompt)] == ["Yes", "No", "Don't know"]
+    assert [t.surface for t in option_targets(study, prompt)] == [t.surface for t in first]
+
+
 def test_persona_fragments_with_unspecified_factors_are_dropped() -> None:
     study = study_with()
     full = {"party": "Democrat", "age": "30", "movie": None}

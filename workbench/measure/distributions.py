@@ -36,13 +36,7 @@ from workbench.measure.distribution_tables import (
     position_bias,
     summarize,
 )
-from workbench.runs import (
-    FULL_VOCAB,
-    MANIFEST,
-    RunFolder,
-    announce_resume,
-    retry_on_oom,
-)
+from workbench.runs import FULL_VOCAB, MANIFEST, RunFolder, announce_resume, retry_on_oom
 from workbench.study import prompts as P
 from workbench.study.spec import Study
 
@@ -108,8 +102,7 @@ def build_requests(
     study: Study, lm: LoadedModel, prompts: list[P.Prompt]
 ) -> tuple[list[Request], pd.DataFrame]:
     """Engine requests and the `variants` skeleton (one row per scored continuation)."""
-    # A prompt's targets depend only on its question, option order and moved whitespace:
-    # one list per distinct combination, not one per prompt.
+    # (`option_targets` builds each distinct (question, order) once per study)
     per_prompt = [P.option_targets(study, p) for p in prompts]
     flat = [t for targets in per_prompt for t in targets]
     all_ids = P.continuation_ids_many(

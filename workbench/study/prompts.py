@@ -266,8 +266,9 @@ def option_targets(study: Study, prompt: Prompt) -> list[OptionTarget]:
 def _targets(
     study: Study, question_id: str, order: tuple[int, ...], moved: str
 ) -> tuple[OptionTarget, ...]:
-    """`option_targets` of every prompt of one question, order and moved whitespace (cached
-    on the study: a grid repeats them once per persona)."""
+    """`option_targets` of every prompt of one question, order and moved whitespace, cached
+    in the study's instance dict (a grid repeats them once per persona; the study is frozen,
+    so they cannot go stale, and `dataclasses.replace` starts a new cache)."""
     cache: dict[tuple[str, tuple[int, ...], str], tuple[OptionTarget, ...]]
     cache = study.__dict__.setdefault("_option_targets", {})
     key = (question_id, order, moved)
