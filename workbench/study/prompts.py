@@ -201,9 +201,9 @@ def _render_text(
     cell: Cell,
     order: tuple[int, ...],
     tokenizer: PreTrainedTokenizerBase,
-    persona: str | None = None,
+    persona: str,
 ) -> str:
-    """The prompt's text; `persona`: `persona_text(study, cell)` where the caller has it."""
+    """The prompt's text; `persona` is `persona_text(study, cell)` (once per cell in `render`)."""
     t = study.template
     values = {k: v for k, v in cell.items() if v is not None}
     all_options = question.all_options
@@ -219,7 +219,7 @@ def _render_text(
         )
     fields = {
         **values,
-        "persona": persona_text(study, cell) if persona is None else persona,
+        "persona": persona,
         "question": _fill(question.text, values),
         "options": t.option_separator.join(lines),
         "labels": ", ".join(labels),
@@ -266,11 +266,9 @@ def option_targets(study: Study, prompt: Prompt) -> list[OptionTarget]:
 def _targets(
     study: Study, question_id: str, order: tuple[int, ...], moved: str
 ) -> tuple[OptionTarget, ...]:
-    """`option_targets` of every prompt of one question, order and moved whitespace, cached
-    in the study's instance dict (a grid repeats them once per persona; the study is frozen,
-    so they cannot go stale, and `dataclasses.replace` starts a new cache)."""
-    cache: dict[tuple[str, tuple[int, ...], str], tuple[OptionTarget, ...]]
-    cache = study.__dict__.setdefault("_option_targets", {})
+    """`option_targets` of every prompt of one question, order and moved whitespace, kept in
+    `study.option_targets_cache` (a grid repeats them once per persona)."""
+    cache = study.option_targets_cache
     key = (question_id, order, moved)
     found = cache.get(key)
     if found is not None:

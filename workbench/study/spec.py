@@ -10,7 +10,10 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from workbench.study.prompts import OptionTarget
 
 Cell = dict[str, str | None]
 """One factor combination: factor name -> value, or None where the factor is unspecified."""
@@ -166,3 +169,12 @@ class Study:
     @cached_property
     def question_by_id(self) -> Mapping[str, Question]:
         return {q.id: q for q in self.questions}
+
+    @cached_property
+    def option_targets_cache(
+        self,
+    ) -> dict[tuple[str, tuple[int, ...], str], tuple[OptionTarget, ...]]:
+        """`prompts.option_targets` per (question id, option order, moved whitespace), filled
+        as prompts ask. The study is frozen, so it cannot go stale; `dataclasses.replace`
+        makes a new study with an empty one."""
+        return {}
