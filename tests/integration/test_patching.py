@@ -304,7 +304,9 @@ def test_resumed_forward_equals_full_patched_forward(
     ids = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (14, 9, 17, 6)]
     sites = [s for s in all_sites(n_layers) if s.layer >= 0]
     plain, rec, states = RF.clean_forward(lm, ids, [s.name for s in sites])
-    assert torch.equal(plain, PT.answer_logprobs(lm, ids))
+    # the same forward with and without the cache it keeps: equal up to the BLAS's summation
+    # order for the two layouts (bit-identical with some BLAS builds, not all)
+    torch.testing.assert_close(plain, PT.answer_logprobs(lm, ids), rtol=0, atol=1e-5)
     starts = [3, 8, 0, 4]  # a span, the answer token, the whole prompt, the last two tokens
     pos = torch.tensor([[3, 5, 6], [8, -1, -1], [0, 7, 16], [4, 5, -1]])
     d = rec[sites[0].name].shape[-1]
