@@ -17,6 +17,13 @@ from workbench.tiny import build_tiny_model
 torch.set_num_threads(1)
 
 
+LOGPROB_ATOL = 5e-5
+"""Float32 log-probs of one prompt computed two ways (another batch shape, padding, prefix cache
+or packing, or plain HF) agree to this. Each side sums in an order its kernels choose: on the
+CPUs and BLAS code paths tried (`make numerics`) they differed by up to 2.2e-5 at |log-prob|
+~10. The documented exactness is 1e-4; a wrong mask, position or cache row is off by > 1e-2."""
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_after_each_test() -> Any:
     """CLI tests run `--threads auto`, which may set more threads for the rest of the

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import LOGPROB_ATOL
 from transformers import DynamicCache, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -517,7 +518,9 @@ def _check_forced_slots(lm: LoadedModel, study: Study) -> tuple[A.ForcedStats, f
             assert set(old) == {r for r, slot in enumerate(out) if slot}
             for r, (logp, probs) in old.items():
                 # float32 log-probs of -20 on the random tiny model: 1e-6 relative
-                np.testing.assert_allclose(out[r]["answer_logprobs"], logp, atol=1e-5, rtol=1e-6)
+                np.testing.assert_allclose(
+                    out[r]["answer_logprobs"], logp, atol=LOGPROB_ATOL, rtol=1e-6
+                )
                 np.testing.assert_allclose(out[r]["answer_probs"], probs, atol=1e-5, rtol=0)
                 worst = max(worst, float(np.abs(np.subtract(out[r]["answer_probs"], probs)).max()))
     return stats, worst

@@ -13,15 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import LOGPROB_ATOL
 
 from workbench.engine.models import LoadedModel, load_model
 from workbench.engine.scoring import EngineConfig, Request, Scored, naive_score, score_requests
 from workbench.tiny import random_model
-
-ATOL = 3e-5
-"""Log-probs (|log-prob| up to ~13 over the full vocabulary) against the unbatched forward: other
-batch shapes sum in another order, ~1e-5 with some BLAS code paths (MKL's conservative one);
-a wrong mask, position or cache row moves them by more than 1e-2."""
 
 
 def _config_model(kind: str, vocab: int) -> Any:
@@ -75,10 +71,10 @@ def _check(lm: LoadedModel, reqs: list[Request], config: EngineConfig) -> list[S
     assert set(got) == set(want) == {r.key for r in reqs}
     for key, ref in want.items():
         np.testing.assert_allclose(
-            got[key].continuation_logprobs, ref.continuation_logprobs, atol=ATOL, rtol=1e-6
+            got[key].continuation_logprobs, ref.continuation_logprobs, atol=LOGPROB_ATOL, rtol=1e-6
         )
         # the full-vocabulary distribution at the answer position
-        np.testing.assert_allclose(got[key].answer_logprobs, ref.answer_logprobs, atol=ATOL)
+        np.testing.assert_allclose(got[key].answer_logprobs, ref.answer_logprobs, atol=LOGPROB_ATOL)
     return list(got.values())
 
 
