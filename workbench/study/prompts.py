@@ -144,7 +144,7 @@ def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
     # Render every text first, then tokenize them in one batched call (the per-prompt calls
     # cost more than the rendering); the ids are the same as one call per text.
     pending: list[tuple[Question, Cell, int, tuple[int, ...], str, str, str]] = []
-    seen: set[tuple[str, str, tuple[str | None, ...], int]] = set()
+    seen: set[tuple[str, tuple[str | None, ...], int]] = set()
     personas: dict[tuple[str | None, ...], tuple[str, str]] = {}
     persona_names = set(study.persona_factors)
     for question in study.questions:
@@ -167,7 +167,7 @@ def render(study: Study, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
                     persona_text(study, reduced),
                 )
             for perm_i, order in enumerate(orders):
-                key = (question.id, persona[0], key_vals, perm_i)
+                key = (question.id, key_vals, perm_i)  # key_vals fix the persona too
                 if key in seen:
                     continue
                 seen.add(key)
