@@ -33,6 +33,7 @@ import torch
 from workbench.engine.models import LoadedModel, load_model
 from workbench.errors import StudyError, WorkbenchError
 from workbench.interp import patching as PT
+from workbench.interp import readers as R
 from workbench.interp import resume_forward as RF
 from workbench.interp.hooks import Edit, edit_sites, record_sites
 from workbench.interp.pairs import align, factor_pairs, pair_prompts
@@ -153,14 +154,55 @@ def _renamed(study: Any, old: str, new: str) -> Any:
     return dataclasses.replace(study, factors=factors, cells=cells)
 
 
+def _check_unequal_patches(study: Any, lm: LoadedModel, result: PT.PatchResult) -> None:
+    """Recompute patched scores of unequal-span pairs at `blocks.0.hook_resid_pre` without the
+    patching code: there the residual is the token embedding, so `all` is a plain forward of
+    the target's token ids remapped by `align`, and `span_mean` a plain forward of the
+    target's embeddings with its span shifted by (source span mean - target span mean)."""
+    prompts = {p.prompt_id: p for p in P.render(study, lm.tokenizer)}
+    spans = {
+        i: s
+        for i, ss in factor_spans(study, list(prompts.values()), lm.tokenizer, ["actor"]).items()
+        for s in ss
+    }
+    embed = lm.model.get_input_embeddings()
+    patched = result.patched.set_index(["pair_id", "direction", "position"])["patched_score"]
+    checked = 0
+    for pair in result.pairs.head(3).itertuples():
+        for direction, src, tgt in (
+            ("denoising", pair.clean, pair.corrupt),
+            ("noising", pair.corrupt, pair.clean),
+        ):
+            s_ids, t_ids = prompts[src].input_ids, prompts[tgt].input_ids
+            s, t = spans[src], spans[tgt]
+            assert s.token_end - s.token_start != t.token_end - t.token_start
+            remapped = [s_ids[j] for j in align(s, t, len(s_ids), len(t_ids))]
+            with torch.inference_mode():
+                h_s, h_t = embed(torch.tensor(s_ids)), embed(torch.tensor(t_ids))
+                shift = h_s[s.token_start : s.token_end].mean(0)
+                shift = shift - h_t[t.token_start : t.token_end].mean(0)
+                h_t[t.token_start : t.token_end] += shift
+                logits = lm.model(inputs_embeds=h_t[None]).logits[0, -1].float()
+            expected = {"all": _plain(lm, tuple(remapped)), "span_mean": logits.log_softmax(-1)}
+            reader = R.reader(study, lm, prompts[tgt])
+            for position, lp in expected.items():
+                (q,) = R.distributions(lp[None], [reader], study.scoring.aggregate)
+                want = R.score(q, reader)
+                got = patched.loc[(pair.pair_id, direction, position)]
+                assert abs(got - want) < 1e-5, (pair.pair_id, direction, position, got, want)
+                checked += 1
+    assert checked == 12
+
+
 def test_unequal_span_lengths(organism: tuple[Any, LoadedModel]) -> None:
     study, lm = organism
-    # Every actor name of the organism is two tokens; "Dev Oka Okafor" is three.
+    # Every actor name of the organism is two tokens; "Dev Oka Okafor" is more (five with the
+    # small organism's tokenizer: " Oka" is not one of its tokens).
     longer = _renamed(study, "Dev Okafor", "Dev Oka Okafor")
     config = dataclasses.replace(
         CONFIG, sites=("blocks.0.hook_resid_pre",), positions=PT.POSITIONS, max_pairs=None
     )
-    # one title and genre: 96 pairs of Mara Quinlan (2 tokens) and Dev Oka Okafor (3 tokens)
+    # one title and genre: 96 pairs of Mara Quinlan (2 tokens) and Dev Oka Okafor
     small = dataclasses.replace(
         longer,
         cells=tuple(
@@ -177,11 +219,14 @@ def test_unequal_span_lengths(organism: tuple[Any, LoadedModel]) -> None:
     t = result.patching
     assert t["effect"].notna().all()
     assert set(t["position"]) == set(PT.POSITIONS)
-    ne = t[t["metric"] == "normalized_effect"].set_index(["position", "direction"])["effect"]
-    # at the first block the span mean carries most of the actor in both directions; `all`
-    # (positions after the span shifted) is not a full swap: a 2-token target span receives
-    # only the last two of the source's three tokens
-    assert (ne.loc["span_mean"] > 0.5).all() and (ne.loc["all"] > 0.5).all(), ne
+    ne = t[t["metric"] == "normalized_effect"].set_index(["position", "direction"])
+    # The span moves the answer towards the source's in both directions. How far depends on
+    # how the trained weights treat a name they never saw, which differs between CPUs (float32
+    # rounding in training): 0.50-0.88 here, so only the interval's side is asserted; the
+    # exact check is the recomputation below.
+    for position in ("span_mean", "all"):
+        assert (ne.loc[position, "ci_low"] > 0).all(), ne
+    _check_unequal_patches(small, lm, result)
     # the rule: before the span same index, after it shifted, inside right-aligned + clamped
     s, u = Span("x", 0, 0, 3, 5, 1), Span("x", 0, 0, 3, 6, 1)
     assert align(s, u, 9, 10) == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8]
